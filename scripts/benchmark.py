@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--decoder-length", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--attention", default="dense", choices=("dense", "blockwise"))
+    p.add_argument("--attention", default="dense", choices=("dense", "blockwise", "cudnn"))
     p.add_argument("--remat", default="none")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--new-tokens", type=int, default=32)

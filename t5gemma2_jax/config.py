@@ -18,7 +18,7 @@ LAYER_TYPES = (SLIDING, FULL)
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_out_proj")
-ATTENTION_BACKENDS = ("dense", "blockwise", "splash")
+ATTENTION_BACKENDS = ("dense", "blockwise", "splash", "cudnn")
 # Architecture ablations (the T5Gemma 2 paper's): how the decoder reads the encoder, and tying.
 CROSS_ATTENTION = ("merged", "separate", "global_only")
 EMBEDDINGS = ("tied", "untied")

@@ -83,3 +83,45 @@ def test_blockwise_model_matches_dense_model():
     ids = np.random.default_rng(0).integers(7, 512, (2, 30))
     dids = np.random.default_rng(1).integers(7, 512, (2, 19))
     np.testing.assert_allclose(np.asarray(blockwise(ids, dids)), np.asarray(dense(ids, dids)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["encoder_local", "packed", "decoder_local", "decoder_global"])
+def test_cudnn_call_equals_dense(kind):
+    """The exact `jax.nn.dot_product_attention` call the cuDNN backend makes (mask, GQA, scale),
+    run through its XLA implementation, which has the same semantics and runs anywhere."""
+    from t5gemma2_jax.nn.attention_cudnn import cudnn_attention
+
+    rng = np.random.default_rng(2)
+    mask, n = _case(kind, rng)
+    q = jnp.asarray(rng.normal(size=(B, T, H, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
+    has_keys = np.asarray(dense_mask(mask)).any(-1)
+    w = jnp.asarray(has_keys[..., None, None], jnp.float32)
+    dense = lambda *x: attend(*x, mask, scale=0.3)  # noqa: E731
+    via_dpa = lambda *x: cudnn_attention(*x, mask, 0.3, 8, implementation="xla")  # noqa: E731
+    np.testing.assert_allclose(np.asarray(via_dpa(q, k, v))[has_keys], np.asarray(dense(q, k, v))[has_keys],
+                               atol=1e-5)
+    ga = jax.grad(lambda *x: (dense(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    gb = jax.grad(lambda *x: (via_dpa(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
+def test_cudnn_support_rules_and_fallback():
+    from t5gemma2_jax.nn.attention_cudnn import cudnn_unsupported_reason
+
+    bf = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
+    assert cudnn_unsupported_reason(bf(1, 64, 8, 256), bf(1, 128, 4, 256), 9.0) is None       # H100, Gemma 3 head dim
+    assert "head dim 256" in cudnn_unsupported_reason(bf(1, 64, 8, 256), bf(1, 128, 4, 256), 8.0)  # A100: d <= 128
+    assert cudnn_unsupported_reason(bf(1, 64, 8, 128), bf(1, 128, 4, 128), 8.0) is None
+    assert "dtype float32" in cudnn_unsupported_reason(jnp.zeros((1, 64, 8, 128)), jnp.zeros((1, 64, 4, 128)), 9.0)
+    assert "odd sequence length" in cudnn_unsupported_reason(bf(1, 63, 8, 128), bf(1, 64, 4, 128), 9.0)
+    assert cudnn_unsupported_reason(bf(1, 64, 8, 128), bf(1, 64, 4, 128), None) == "no CUDA device"
+    # Off GPU the backend runs blockwise: a model on `cudnn` equals the dense model (fp32 on CPU).
+    cfg = tg.preset("tiny", with_vision=False)
+    dense = tg.T5Gemma2(cfg, rngs=nnx.Rngs(0))
+    cudnn = tg.T5Gemma2(cfg.replace(attention_backend="cudnn", attention_block_size=8), rngs=nnx.Rngs(0))
+    ids = np.random.default_rng(0).integers(7, 512, (2, 30))
+    dids = np.random.default_rng(1).integers(7, 512, (2, 19))
+    np.testing.assert_allclose(np.asarray(cudnn(ids, dids)), np.asarray(dense(ids, dids)), atol=1e-5)

@@ -73,6 +73,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, *, scale: f
     if backend == "splash":
         from t5gemma2_jax.nn.attention_splash import splash_attention
         return splash_attention(q, k, v, mask, scale, block_size)
+    if backend == "cudnn":
+        from t5gemma2_jax.nn.attention_cudnn import cudnn_attention
+        return cudnn_attention(q, k, v, mask, scale, block_size)
     raise ValueError(f"unknown attention backend {backend!r}")
 
 

@@ -13,6 +13,10 @@ for trainable parts. Attention per query counts only the keys it may see:
 Vision: the SigLIP tower on every image slot of the batch (forward only when frozen: pixels need
 no gradient), the projector trained (3x). Padding positions are counted (the hardware computes
 them), remat recomputation is not (this is model FLOPs, not hardware FLOPs).
+
+`StepFlops.hardware_per_step(remat)` adds the recomputation, and `step_flops(..., all_keys=True)`
+counts attention the way the dense backend computes it (every key, masked or not): together they
+are what XLA's cost analysis of a compiled step should report (`scripts/aot_compile.py`).
 """
 
 from __future__ import annotations
@@ -75,17 +79,28 @@ class StepFlops:
         vis = (3.0 if self.vision_trainable else 1.0) * self.vision_tower
         return self.batch * (text + vis)
 
+    def hardware_per_step(self, remat: str) -> float:
+        """Training FLOPs including remat: `full` runs each encoder/decoder layer's forward twice
+        (4x instead of 3x); the embedding, LM head and projector sit outside the remat scopes.
+        `save_dots` keeps every matmul output (no matmul is recomputed). The partial policies
+        (`save_qkv_proj`, `save_out_proj`) recompute most of a layer and are counted like `full`."""
+        if remat in ("none", "save_dots"):
+            return self.train_per_step
+        layers = self.encoder + self.decoder
+        vis_layers = self.vision_tower if self.vision_trainable else 0.0
+        return self.train_per_step + self.batch * (layers + vis_layers)
 
-def encoder_forward(c: TextConfig, S: int) -> float:
+
+def encoder_forward(c: TextConfig, S: int, all_keys: bool = False) -> float:
     f = S * c.num_layers * _proj_mlp_per_token(c)
     for t in c.layer_types:
-        keys = S if t == FULL else min(c.sliding_window, S)
+        keys = S if (t == FULL or all_keys) else min(c.sliding_window, S)
         f += 4.0 * c.num_heads * c.head_dim * S * keys
     return f
 
 
 def decoder_forward(c: TextConfig, T: int, S: int, cross_attention: str = "merged",
-                    encoder_dim: int | None = None) -> float:
+                    encoder_dim: int | None = None, all_keys: bool = False) -> float:
     """Decoder forward FLOPs for one row. `cross_attention` is the model's: "merged" (T5Gemma 2:
     encoder keys in every layer's softmax), "separate" (a cross-attention sublayer per layer with
     its own projections) or "global_only" (merged in global layers, no encoder access in local)."""
@@ -93,7 +108,7 @@ def decoder_forward(c: TextConfig, T: int, S: int, cross_attention: str = "merge
     Denc = encoder_dim or c.hidden_size
     f = T * c.num_layers * _proj_mlp_per_token(c)
     for t in c.layer_types:
-        self_keys = _causal_keys(T, None if t == FULL else c.sliding_window)
+        self_keys = T if all_keys else _causal_keys(T, None if t == FULL else c.sliding_window)
         cross = cross_attention if not (cross_attention == "global_only" and t != FULL) else "none"
         if cross == "none":
             f += 4.0 * H * d * T * self_keys
@@ -119,14 +134,16 @@ def vision_forward(cfg: T5Gemma2Config) -> tuple[float, float]:
 
 
 def step_flops(cfg: T5Gemma2Config, *, batch: int, encoder_length: int, decoder_length: int,
-               images_per_row: int = 0, vision_trainable: bool = False) -> StepFlops:
+               images_per_row: int = 0, vision_trainable: bool = False, all_keys: bool = False) -> StepFlops:
+    """`all_keys`: count attention over every key, as the dense backend computes it."""
     S, T = encoder_length, decoder_length
     tower = projector = 0.0
     if images_per_row and cfg.with_vision:
         t, p = vision_forward(cfg)
         tower, projector = images_per_row * t, images_per_row * p
-    decoder = decoder_forward(cfg.decoder, T, S, getattr(cfg, "cross_attention", "merged"), cfg.encoder.hidden_size)
-    return StepFlops(encoder=encoder_forward(cfg.encoder, S), decoder=decoder,
+    decoder = decoder_forward(cfg.decoder, T, S, getattr(cfg, "cross_attention", "merged"), cfg.encoder.hidden_size,
+                              all_keys)
+    return StepFlops(encoder=encoder_forward(cfg.encoder, S, all_keys), decoder=decoder,
                      lm_head=2.0 * T * cfg.decoder.hidden_size * cfg.vocab_size, vision_tower=tower,
                      projector=projector, batch=batch, vision_trainable=vision_trainable)
 

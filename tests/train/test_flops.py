@@ -48,21 +48,26 @@ def test_attention_counts_only_visible_keys():
                         vision_trainable=True).train_per_step == pytest.approx(6 * sf.forward_per_row)
 
 
-def _dense_extra(m, S, T):
-    """What the dense attention backend computes beyond the visible keys (masked-out scores)."""
-    extra = 0.0
-    for t in m.encoder.layer_types:
-        extra += 4 * m.encoder.num_heads * m.encoder.head_dim * S * (S - (S if t == FULL else min(m.encoder.sliding_window, S)))
-    for t in m.decoder.layer_types:
-        keys = F._causal_keys(T, None if t == FULL else m.decoder.sliding_window)
-        extra += 4 * m.decoder.num_heads * m.decoder.head_dim * T * (T - keys)
-    return extra
+def test_all_keys_counts_what_the_dense_backend_computes():
+    m = preset("tiny", with_vision=False)
+    S, T = 64, 32
+    visible = F.step_flops(m, batch=1, encoder_length=S, decoder_length=T)
+    every = F.step_flops(m, batch=1, encoder_length=S, decoder_length=T, all_keys=True)
+    extra = sum(4 * m.encoder.num_heads * m.encoder.head_dim * S * (S - (S if t == FULL else min(m.encoder.sliding_window, S)))
+                for t in m.encoder.layer_types)
+    extra += sum(4 * m.decoder.num_heads * m.decoder.head_dim * T
+                 * (T - F._causal_keys(T, None if t == FULL else m.decoder.sliding_window)) for t in m.decoder.layer_types)
+    assert every.forward_per_row - visible.forward_per_row == pytest.approx(extra)
+    # remat `full` runs the layers' forward once more; the LM head is outside the remat scope
+    assert every.hardware_per_step("full") - every.train_per_step == pytest.approx(every.encoder + every.decoder)
+    assert every.hardware_per_step("save_dots") == every.train_per_step
 
 
 @pytest.mark.parametrize("images, ablation", [
     (False, {}), (True, {}),
     (False, {"cross_attention": "separate", "embeddings": "untied"}),
     (False, {"cross_attention": "global_only"}),
+    (False, {"remat": "full"}),
 ])
 def test_agrees_with_xla_count_of_the_lowered_program(images, ablation):
     cfg = small_config(images=images, model={"scan_layers": False, **ablation})
@@ -71,14 +76,14 @@ def test_agrees_with_xla_count_of_the_lowered_program(images, ablation):
     b = batch_for(cfg)
     B, S = b["encoder_input_ids"].shape
     T = b["decoder_input_ids"].shape[1]
-    sf = F.step_flops(m, batch=B, encoder_length=S, decoder_length=T, images_per_row=1 if images else 0)
-    extra = B * _dense_extra(m, S, T)
+    sf = F.step_flops(m, batch=B, encoder_length=S, decoder_length=T, images_per_row=1 if images else 0,
+                      all_keys=True)
     args = (md.shapes("trainable"), md.shapes("frozen"), b)
     fwd = jax.jit(lambda p, f, b: loss_sums(md, p, f, b)[0]).lower(*args).cost_analysis()["flops"]
     train = jax.jit(lambda p, f, b: jax.grad(lambda p: loss_sums(md, p, f, b)[0])(p)).lower(*args).cost_analysis()["flops"]
     # XLA also counts elementwise work (norms, softmax, GELU): a few percent above the matmuls.
-    assert 1.0 <= fwd / (B * sf.forward_per_row + extra) < 1.1
-    assert 1.0 <= train / (sf.train_per_step + 3 * extra) < 1.1
+    assert 1.0 <= fwd / (B * sf.forward_per_row) < 1.1
+    assert 1.0 <= train / sf.hardware_per_step(m.remat) < 1.1
 
 
 def test_peak_flops_per_device():
