@@ -127,16 +127,18 @@ def test_cudnn_support_rules_and_fallback():
     np.testing.assert_allclose(np.asarray(cudnn(ids, dids)), np.asarray(dense(ids, dids)), atol=1e-5)
 
 
-def test_splash_model_generates_like_dense():
-    """The encoder runs the kernel (interpret mode); cached decode steps, whose queries do not line
-    up with the cached keys, take the dense path. Tokens and step logits equal the dense model's."""
+@pytest.mark.parametrize("backend, block", [("blockwise", 8), ("cudnn", 8), ("splash", 128)])
+def test_backend_model_generates_like_dense(backend, block):
+    """The encoder runs the backend (splash: interpret mode); cached decode steps, whose queries do
+    not line up with the cached keys (ring buffer), take the dense path. More new tokens than the
+    window. Tokens and step logits equal the dense model's."""
     cfg = tg.preset("tiny", with_vision=False).replace(scan_layers=False)
     cfg = cfg.replace(encoder=cfg.encoder.replace(num_layers=2, layer_types=("sliding_attention", "full_attention")),
                       decoder=cfg.decoder.replace(num_layers=2, layer_types=("sliding_attention", "full_attention")))
     dense = tg.T5Gemma2(cfg, rngs=nnx.Rngs(0))
-    splash = tg.T5Gemma2(cfg.replace(attention_backend="splash", attention_block_size=128), rngs=nnx.Rngs(0))
+    other = tg.T5Gemma2(cfg.replace(attention_backend=backend, attention_block_size=block), rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(7, 512, (2, 12)))
-    want, want_scores = tg.generate(dense, ids, max_new_tokens=10, return_scores=True)
-    got, scores = tg.generate(splash, ids, max_new_tokens=10, return_scores=True)
+    want, want_scores = tg.generate(dense, ids, max_new_tokens=12, return_scores=True)
+    got, scores = tg.generate(other, ids, max_new_tokens=12, return_scores=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_allclose(np.asarray(scores), np.asarray(want_scores), atol=1e-5)

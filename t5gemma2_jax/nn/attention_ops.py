@@ -65,7 +65,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, *, scale: f
     q `[B, T, H, d]`, k/v `[B, S, K, d]` with H % K == 0 (query head h uses KV head h // (H/K)).
     Returns `[B, T, H, d]` in q's dtype. Scores in the activation dtype, softmax in float32.
     """
-    if backend == "dense":
+    n_self = k.shape[1] if mask.cross_start is None else mask.cross_start
+    if backend == "dense" or 0 < n_self != q.shape[1]:
+        # Also cached decoding (a few queries against a cache whose slots are not the queries'
+        # positions, e.g. a ring buffer): the other backends need query i aligned with self key i,
+        # and at T = 1 there is no [T, S] matrix worth avoiding.
         return _dense_attention(q, k, v, mask, scale)
     if backend == "blockwise":
         from t5gemma2_jax.nn.attention_blockwise import blockwise_attention

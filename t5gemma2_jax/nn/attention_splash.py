@@ -124,12 +124,6 @@ def _local_splash(q, k, v, q_seg, kv_seg, *, causal, window, cross_start, scale,
 
 def splash_attention(q, k, v, mask, scale: float, block: int = 512, interpret: bool | None = None) -> jax.Array:
     """Same contract as `attend`. Positions are assumed contiguous within segments (see blockwise)."""
-    n_self = k.shape[1] if mask.cross_start is None else mask.cross_start
-    if n_self != q.shape[1]:
-        # Decoding against a cache (a few queries, many cached keys): the kernel's masks work on
-        # aligned query/key indices, and there is no [T, S] matrix worth avoiding at T = 1.
-        from t5gemma2_jax.nn.attention_ops import _dense_attention
-        return _dense_attention(q, k, v, mask, scale)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     fn = functools.partial(_local_splash, causal=mask.causal, window=mask.window, cross_start=mask.cross_start,
