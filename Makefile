@@ -1,12 +1,12 @@
-# Set-up, demo and tests. Both `make demo` and `make test` work on a fresh machine: they create
-# .venv and install the package (`make test` adds the test extra: CPU torch and transformers).
+# Set-up, demo and tests. `make demo` and the test targets work on a fresh machine: they create
+# .venv and install the package (the test targets add the test extra: CPU torch and transformers).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed-test
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-slow test-all clean
 
 $(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,16 @@ install: $(BASE)
 demo: $(BASE)
 	$(PY) scripts/demo.py
 
+# The default tier: parity with transformers, generation, data, trainer steps (a few minutes).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The end-to-end tier: notebook, kill -9 resume, multi-mesh and multi-process training, ablation runs.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

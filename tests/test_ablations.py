@@ -31,6 +31,7 @@ def _perturbed(cfg, seed=0):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_cached_decoding_equals_full_forward(name):
     model = _perturbed(_cfg(**VARIANTS[name]))
@@ -56,6 +57,7 @@ def test_parameter_count_effects():
     assert tg.count_params(_cfg(cross_attention="global_only"))["text"] == base["text"]
 
 
+@pytest.mark.slow
 def test_global_only_local_layers_do_not_read_the_encoder():
     t = _cfg().decoder.replace(layer_types=(SLIDING,) * 4)
     model = _perturbed(_cfg(cross_attention="global_only").replace(decoder=t))
@@ -68,6 +70,7 @@ def test_global_only_local_layers_do_not_read_the_encoder():
                   - np.asarray(merged(np.random.default_rng(3).integers(7, 512, (1, 9)), dids))).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_unequal_depth_and_width():
     enc = _cfg().encoder.replace(num_layers=6, layer_types=(SLIDING,) * 5 + (FULL,))
     dec = _cfg().decoder.replace(hidden_size=48, intermediate_size=96)

@@ -129,6 +129,7 @@ def test_streaming_yields_the_greedy_tokens(pair):
     np.testing.assert_array_equal(streamed, greedy[:, :streamed.shape[1]])
 
 
+@pytest.mark.slow
 def test_generation_runs_sharded_on_a_mesh(pair):
     """Parameters sharded by the logical-axis rules over 8 devices give the same tokens."""
     import jax

@@ -38,6 +38,7 @@ def _perturb(model, seed=0):
     return model
 
 
+@pytest.mark.slow
 def test_packed_rows_equal_separate_examples():
     """Two examples packed into one row give the logits and loss they give alone."""
     model = _perturb(tg.T5Gemma2(tg.preset("tiny", with_vision=False), rngs=nnx.Rngs(1)))
@@ -65,6 +66,7 @@ def test_packed_rows_equal_separate_examples():
     assert count == 15
 
 
+@pytest.mark.slow
 def test_bf16_forward_within_documented_tolerance(tiny):
     model = _perturb(tg.T5Gemma2(tg.preset("tiny", with_vision=False), rngs=nnx.Rngs(2)))
     ids = np.random.default_rng(0).integers(7, 512, (2, 24))
@@ -94,6 +96,7 @@ def test_input_validation_messages(tiny):
         tiny(ids, ids, pixel_values=np.zeros((1, 3, 32, 32), np.float32))
 
 
+@pytest.mark.slow
 def test_jit_and_grad(tiny):
     ids = jnp.asarray(np.random.default_rng(0).integers(7, 512, (2, 16)))
     labels = jnp.asarray(np.random.default_rng(1).integers(7, 512, (2, 8)))
@@ -111,6 +114,7 @@ def test_jit_and_grad(tiny):
     assert all(np.isfinite(float(n)) for n in norms) and max(float(n) for n in norms) > 0
 
 
+@pytest.mark.slow
 def test_remat_policies_do_not_change_gradients():
     t = tg.preset("tiny").encoder.replace(num_layers=4, layer_types=("sliding_attention", "full_attention") * 2)
     cfg = tg.preset("tiny", with_vision=False).replace(encoder=t, decoder=t)
@@ -135,6 +139,7 @@ def test_logical_axes_on_every_parameter(tiny):
     assert tiny.encoder.stack.blocks.layers[0].attn.q.get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
 
 
+@pytest.mark.slow
 def test_same_logits_under_a_sharded_mesh(tiny):
     assert len(jax.devices()) == 8
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -1,16 +1,19 @@
 """The quickstart notebook runs top to bottom (code cells executed in order, as a kernel would)."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path):
     nb = json.loads((ROOT / "notebooks" / "quickstart.ipynb").read_text())
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]

@@ -42,6 +42,7 @@ def _batch(seed=0):
     return ids, mask, dids, np.ones_like(dids), pixels
 
 
+@pytest.mark.slow
 def test_logits_and_image_features_match(pair):
     hf, path = pair
     ids, mask, dids, dmask, pixels = _batch()
@@ -62,6 +63,7 @@ def test_logits_and_image_features_match(pair):
     assert np.abs(plain - np.asarray(logits)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_per_row_image_layout_gives_the_same_logits(pair):
     _, path = pair
     ids, mask, dids, dmask, pixels = _batch(1)

@@ -29,6 +29,7 @@ def _ce_sum(logits, targets, weights):
     return float(jnp.sum((lse - tgt) * w)), float(jnp.sum(w))
 
 
+@pytest.mark.slow
 def test_packed_loss_equals_unpacked_loss(tok):
     tiny = preset("tiny")
     # The tiny preset cut to one local + one global layer per tower (fast to compile); windows

@@ -22,14 +22,3 @@ def _compilation_cache(tmp_path_factory):
     cc.reset_cache()
     jax.config.update("jax_compilation_cache_dir", old)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests of this folder marked `slow` run only when selected explicitly (`-m slow`)."""
-    if "slow" in (config.getoption("-m") or ""):
-        return
-    here = os.path.dirname(__file__)
-    skip = pytest.mark.skip(reason="slow: run with -m slow")
-    for item in items:
-        if "slow" in item.keywords and str(item.fspath).startswith(here):
-            item.add_marker(skip)

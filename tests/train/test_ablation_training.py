@@ -18,6 +18,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_trains_saves_and_resumes(name, tmp_path):
     assert len(jax.devices()) == 8

@@ -13,7 +13,7 @@ from t5gemma2_jax.train.mesh import sharding_rules
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 NAMES = {"tiny", "tiny_sft", "270m-270m_pretrain", "270m-270m_sft", "1b-1b_pretrain", "1b-1b_sft",
-         "4b-4b_pretrain", "4b-4b_sft"}
+         "4b-4b_pretrain", "4b-4b_sft", "4b-4b_long_context"}
 
 
 def test_all_shipped_configs_load_and_say_what_hardware_they_are_for():
@@ -27,7 +27,9 @@ def test_all_shipped_configs_load_and_say_what_hardware_they_are_for():
         assert cfg.data.kind == ("sft" if "sft" in path.stem else "pretrain"), path.name
         if path.stem != "tiny" and path.stem != "tiny_sft":
             assert model.dtype == "bfloat16" and model.param_dtype == "float32", path.name
-            assert cfg.data.mm_tokens_per_image == model.mm_tokens_per_image == 256
+            if cfg.data.images_enabled:
+                assert cfg.data.mm_tokens_per_image == model.mm_tokens_per_image == 256
+            assert cfg.data.encoder_length <= model.encoder.max_position_embeddings, path.name
 
 
 def test_overrides_are_typed():

@@ -51,6 +51,7 @@ def _tb_scalars(workdir):
     return out
 
 
+@pytest.mark.slow
 def test_train_sigterm_resume_eval_export(tmp_path):
     cfg = small_config(images=True, train={
         "steps": 6, "checkpoint_every": 2, "keep_checkpoints": 2, "eval_every": 3, "keep_best": True,

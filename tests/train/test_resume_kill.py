@@ -45,6 +45,7 @@ def _losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow
 def test_kill9_then_rerun_resumes_bitwise(tmp_path):
     cache = tmp_path / "xla_cache"
     ref = subprocess.run(_command(tmp_path / "ref", cache), env=_env(), capture_output=True, text=True,

@@ -64,6 +64,7 @@ def _assert_close(grads, ref, what):
     assert sum(float(np.max(np.abs(g))) > 0 for g in grads.values()) >= len(grads) - 1
 
 
+@pytest.mark.slow
 def test_loss_and_grads_agree_across_meshes(runs):
     ref = runs["8data"]
     assert ref.count > 0 and np.isfinite(ref.loss)
@@ -73,6 +74,7 @@ def test_loss_and_grads_agree_across_meshes(runs):
         _assert_close(r.grads, ref.grads, name)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(runs):
     r = runs["2data_4fsdp"]
     loss, count, grads = r.loss_and_grads(r.state["params"], microbatches=2)
@@ -86,6 +88,7 @@ def _spec(arr):
     return tuple(spec) + (None,) * (arr.ndim - len(spec))
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_as_the_rules_say(runs):
     state = runs["2fsdp_4tensor"].state
     p = state["params"]
@@ -111,6 +114,7 @@ def test_parameters_are_sharded_as_the_rules_say(runs):
         assert p[name].addressable_shards[0].data.shape == p[name].shape
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
     src, dst = runs["8data"], runs["2fsdp_4tensor"]
     ckpt = Checkpointer(tmp_path, every=1)
