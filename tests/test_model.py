@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import t5gemma2_jax as tg
+from t5gemma2_jax.config import default_layer_types
 from t5gemma2_jax.losses import cross_entropy, shift_right
 from t5gemma2_jax.sharding import axis_rules, logical_to_spec
 
@@ -129,6 +130,22 @@ def test_remat_policies_do_not_change_gradients():
     for remat in ("full", "save_dots", "save_qkv_proj"):
         for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(grads(cfg.replace(remat=remat)))):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4, err_msg=remat)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_unscanned_remat_keeps_its_cse_barrier(scan):
+    """Remat outside a scan (unscanned stacks, the remainder after the scanned blocks) must keep
+    jax.checkpoint's optimisation barrier: without it XLA on TPU merged the recomputation into the
+    forward pass and kept every activation (the compiled step's FLOPs showed no recomputation)."""
+    t = tg.preset("tiny").encoder.replace(num_layers=7, layer_types=default_layer_types(7))  # 6-layer block + 1
+    cfg = tg.preset("tiny", with_vision=False).replace(encoder=t, decoder=t, scan_layers=scan, remat="full")
+    ids = jnp.asarray(np.random.default_rng(0).integers(7, 512, (1, 16)))
+    model = tg.T5Gemma2(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    loss = lambda s: nnx.merge(graphdef, s)(ids, ids[:, :8]).sum()  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(state).as_text()
+    # unscanned: one barrier per layer and tower; scanned: the remainder layer of each tower
+    assert hlo.count("optimization_barrier") >= (14 if not scan else 2)
 
 
 def test_logical_axes_on_every_parameter(tiny):

@@ -53,10 +53,13 @@ def layer_slot(period: int, num_blocks: int, i: int) -> tuple[tuple, int | None]
     return ("layers", i - first), None
 
 
-def maybe_remat(fn, remat: str):
+def maybe_remat(fn, remat: str, in_scan: bool):
     if remat == "none":
         return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    # Outside a scan, XLA would merge the backward pass's recomputation with the forward pass
+    # (common-subexpression elimination) and keep every activation alive: remat would do nothing.
+    # A scan body cannot be merged that way, so there the barrier is left out.
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
 
 
 class Block(nnx.Module):
@@ -122,10 +125,10 @@ class LayerStack(nnx.Module):
             def body(h, block_state):
                 return nnx.merge(graphdef, block_state)(h, ctx), None
 
-            x, _ = jax.lax.scan(maybe_remat(body, self.remat), x, stacked)
+            x, _ = jax.lax.scan(maybe_remat(body, self.remat, in_scan=True), x, stacked)
         for layer in self.layers:
             graphdef, state = nnx.split(layer)
-            x = maybe_remat(lambda h, s, g=graphdef: nnx.merge(g, s)(h, ctx), self.remat)(x, state)
+            x = maybe_remat(lambda h, s, g=graphdef: nnx.merge(g, s)(h, ctx), self.remat, in_scan=False)(x, state)
         return x
 
     # ---- cached decoding -------------------------------------------------------------------
