@@ -36,44 +36,45 @@ def _case(kind, rng):
                     cross_start=T), T + S
 
 
-@pytest.mark.parametrize("kind, block", [("encoder_local", 8), ("encoder_global", 16), ("packed", 8),
-                                         ("decoder_local", 8), ("decoder_global", 16)])
-def test_blockwise_equals_dense(kind, block):
-    rng = np.random.default_rng(0)
+def _inputs(kind, seed):
+    """(mask, q, k, v, has_keys) for a mask kind; rows with no visible key are unspecified."""
+    rng = np.random.default_rng(seed)
     mask, n = _case(kind, rng)
     q = jnp.asarray(rng.normal(size=(B, T, H, d)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
-    has_keys = np.asarray(dense_mask(mask)).any(-1)      # fully masked (padding) rows are unspecified
+    return mask, q, k, v, np.asarray(dense_mask(mask)).any(-1)
+
+
+def _assert_same_grads(f, g, q, k, v, has_keys):
+    """Gradients of the rows that matter (those with a visible key) agree."""
+    w = jnp.asarray(has_keys[..., None, None], jnp.float32)
+    ga = jax.grad(lambda *x: (f(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    gb = jax.grad(lambda *x: (g(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, block", [("encoder_local", 8), ("encoder_global", 16), ("packed", 8),
+                                         ("decoder_local", 8), ("decoder_global", 16)])
+def test_blockwise_equals_dense(kind, block):
+    mask, q, k, v, has_keys = _inputs(kind, 0)
     f = lambda backend: (lambda q, k, v: attend(q, k, v, mask, scale=0.3, backend=backend, block_size=block))  # noqa: E731
     a, b = f("dense")(q, k, v), f("blockwise")(q, k, v)
     np.testing.assert_allclose(np.asarray(b)[has_keys], np.asarray(a)[has_keys], atol=1e-5)
-    w = jnp.asarray(has_keys[..., None, None], jnp.float32)   # gradients of the rows that matter
-    ga = jax.grad(lambda *x: (f("dense")(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
-    gb = jax.grad(lambda *x: (f("blockwise")(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
-    for x, y in zip(ga, gb):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+    _assert_same_grads(f("dense"), f("blockwise"), q, k, v, has_keys)
 
 
 @pytest.mark.parametrize("kind", ["encoder_local", "encoder_global", "packed", "decoder_local", "decoder_global"])
 def test_splash_interpret_mode_equals_dense(kind):
     """The TPU kernel path, run by Pallas' interpreter on CPU (values, and gradients once)."""
-    rng = np.random.default_rng(1)
-    mask, n = _case(kind, rng)
-    q = jnp.asarray(rng.normal(size=(B, T, H, d)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
-    has_keys = np.asarray(dense_mask(mask)).any(-1)
+    mask, q, k, v, has_keys = _inputs(kind, 1)
     f = lambda backend: (lambda q, k, v: attend(q, k, v, mask, scale=0.3, backend=backend, block_size=128))  # noqa: E731
     out = np.asarray(f("splash")(q, k, v))
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out[has_keys], np.asarray(f("dense")(q, k, v))[has_keys], atol=1e-5)
     if kind == "decoder_local":
-        w = jnp.asarray(has_keys[..., None, None], jnp.float32)
-        ga = jax.grad(lambda *x: (f("dense")(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
-        gb = jax.grad(lambda *x: (f("splash")(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
-        for x, y in zip(ga, gb):
-            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+        _assert_same_grads(f("dense"), f("splash"), q, k, v, has_keys)
 
 
 @pytest.mark.slow
@@ -92,21 +93,12 @@ def test_cudnn_call_equals_dense(kind):
     run through its XLA implementation, which has the same semantics and runs anywhere."""
     from t5gemma2_jax.nn.attention_cudnn import cudnn_attention
 
-    rng = np.random.default_rng(2)
-    mask, n = _case(kind, rng)
-    q = jnp.asarray(rng.normal(size=(B, T, H, d)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
-    has_keys = np.asarray(dense_mask(mask)).any(-1)
-    w = jnp.asarray(has_keys[..., None, None], jnp.float32)
+    mask, q, k, v, has_keys = _inputs(kind, 2)
     dense = lambda *x: attend(*x, mask, scale=0.3)  # noqa: E731
     via_dpa = lambda *x: cudnn_attention(*x, mask, 0.3, 8, implementation="xla")  # noqa: E731
     np.testing.assert_allclose(np.asarray(via_dpa(q, k, v))[has_keys], np.asarray(dense(q, k, v))[has_keys],
                                atol=1e-5)
-    ga = jax.grad(lambda *x: (dense(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
-    gb = jax.grad(lambda *x: (via_dpa(*x) * w).sum(), argnums=(0, 1, 2))(q, k, v)
-    for x, y in zip(ga, gb):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+    _assert_same_grads(dense, via_dpa, q, k, v, has_keys)
 
 
 def test_cudnn_support_rules_and_fallback():
@@ -120,12 +112,7 @@ def test_cudnn_support_rules_and_fallback():
     assert "odd sequence length" in cudnn_unsupported_reason(bf(1, 63, 8, 128), bf(1, 64, 4, 128), 9.0)
     assert cudnn_unsupported_reason(bf(1, 64, 8, 128), bf(1, 64, 4, 128), None) == "no CUDA device"
     # Off GPU the backend runs blockwise, which equals dense.
-    rng = np.random.default_rng(3)
-    mask, n = _case("decoder_local", rng)
-    q = jnp.asarray(rng.normal(size=(B, T, H, d)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(B, n, K, d)), jnp.float32)
-    has_keys = np.asarray(dense_mask(mask)).any(-1)
+    mask, q, k, v, has_keys = _inputs("decoder_local", 3)
     got = attend(q, k, v, mask, scale=0.3, backend="cudnn", block_size=8)
     want = attend(q, k, v, mask, scale=0.3)
     np.testing.assert_allclose(np.asarray(got)[has_keys], np.asarray(want)[has_keys], atol=1e-5)
