@@ -48,11 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5gemma2_jax.checkpoints.hf import (DECODER_PREFIX, ENCODER_PREFIX, _get, _set, read_hf_config,
-                                        text_hf_entries)
+from t5gemma2_jax.checkpoints.hf import DECODER_PREFIX, ENCODER_PREFIX, read_hf_config, text_hf_entries
 from t5gemma2_jax.checkpoints.hf_config import text_config_from_hf, vision_config_from_hf
 from t5gemma2_jax.checkpoints.hf_mapping import HFEntry
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointDir, CheckpointError
+from t5gemma2_jax.checkpoints.staging import HostStaging, get_path, set_path
 from t5gemma2_jax.config import ConfigError, T5Gemma2Config, TextConfig, VisionConfig
 from t5gemma2_jax.model import T5Gemma2
 
@@ -295,7 +295,7 @@ def _fresh_params(cfg: T5Gemma2Config, rngs: nnx.Rngs | int, paths: list[tuple])
 
     def init(key):
         pure = nnx.to_pure_dict(nnx.state(T5Gemma2(cfg, rngs=nnx.Rngs(key)), nnx.Param))
-        return [_get(pure, p) for p in paths]
+        return [get_path(pure, p) for p in paths]
 
     return jax.jit(init)(key)
 
@@ -336,13 +336,7 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
     pure = nnx.to_pure_dict(abstract_state)
     plan, table_entry, eoi_entry = _plan(cfg, src.vision is not None)
 
-    buffers: dict[tuple, np.ndarray] = {}
-
-    def buffer(p: tuple) -> np.ndarray:
-        if p not in buffers:
-            leaf = _get(pure, p)
-            buffers[p] = np.empty(leaf.shape, leaf.dtype)
-        return buffers[p]
+    staging = HostStaging(pure)
 
     unknown, mismatched, skipped, duplicated = [], [], [], []
     seen: dict[tuple, str] = {}
@@ -372,14 +366,13 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
         seen[name] = raw
         value = ckpt.get(raw)                          # read once, written into every tower using it
         for e in entries:
-            leaf = _get(pure, e.path)
-            target = leaf.shape[1:] if e.index is not None else leaf.shape
+            target = staging.target_shape(e)
             ours = e.to_ours(value)
-            if tuple(ours.shape) != tuple(target):
+            if tuple(ours.shape) != target:
                 mismatched.append(f"{raw}: checkpoint {ckpt.shape(raw)} -> {tuple(ours.shape)}, model expects "
-                                  f"{tuple(target)} at {'.'.join(map(str, e.path))}")
+                                  f"{target} at {'.'.join(map(str, e.path))}")
                 break
-            buffer(e.path)[... if e.index is None else e.index] = ours
+            staging.put(e, ours)
     if table_key is not None and ckpt.shape(table_key) != (V_src, D):
         mismatched.append(f"{table_key}: checkpoint {ckpt.shape(table_key)}, config says ({V_src}, {D})")
     missing = sorted(f"{part}: {n}" for part, n in plan if (part, n) not in seen)
@@ -409,7 +402,7 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
     fresh = dict(zip(fresh_paths, _fresh_params(cfg, rngs, fresh_paths))) if fresh_paths else {}
 
     n = min(V, V_src)
-    tbuf = buffer(table_entry.path)
+    tbuf = staging.buffer(table_entry.path)
     tbuf[:n] = table[:n]
     if V > V_src:
         tbuf[n:] = np.asarray(fresh.pop(table_entry.path)[n:])
@@ -418,15 +411,14 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
         # then substitutes the unscaled eoi vector: the same product makes the substitution a no-op.
         pdt = jnp.dtype(cfg.param_dtype)
         eoi = jnp.asarray(tbuf[cfg.eoi_token_id]) * jnp.asarray(math.sqrt(D), pdt)
-        buffer(eoi_entry.path)[...] = np.asarray(eoi)
+        staging.buffer(eoi_entry.path)[...] = np.asarray(eoi)
     else:
-        buffer(eoi_entry.path)[...] = 0
+        staging.buffer(eoi_entry.path)[...] = 0
     del table
 
-    for p in list(buffers):
-        _set(pure, p, jnp.asarray(buffers.pop(p)))   # free each host copy as soon as it is on device
+    staging.to_device()
     for p, value in fresh.items():
-        _set(pure, p, value)
+        set_path(pure, p, value)
     unfilled = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]
                 if isinstance(leaf, jax.ShapeDtypeStruct)]
     if unfilled:

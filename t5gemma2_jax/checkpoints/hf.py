@@ -23,10 +23,12 @@ from flax import nnx
 
 from t5gemma2_jax.checkpoints.hf_config import config_from_hf, config_to_hf
 from t5gemma2_jax.checkpoints.hf_mapping import HFEntry, identity, transpose
+from t5gemma2_jax.checkpoints.staging import HostStaging, get_path
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointDir, CheckpointError, split_shards, write_safetensors
 from t5gemma2_jax.config import T5Gemma2Config, TextConfig
 from t5gemma2_jax.model import T5Gemma2
 from t5gemma2_jax.nn.stack import layer_slot, stack_layout
+from t5gemma2_jax.vision.hf import normalize_vision_key
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +105,7 @@ def canonical_key(key: str) -> str:
     """Map the Hub's flat encoder keys and the vision_model segment onto transformers' current names."""
     if _FLAT_ENCODER.match(key):
         return "model.encoder.text_model." + key[len("model.encoder."):]
-    if key.startswith("model.encoder.vision_tower.vision_model."):
-        return "model.encoder.vision_tower." + key[len("model.encoder.vision_tower.vision_model."):]
-    return key
+    return normalize_vision_key(key)
 
 
 def hub_key(canonical: str) -> str:
@@ -117,19 +117,6 @@ def hub_key(canonical: str) -> str:
 
 def _is_vision(key: str) -> bool:
     return key.startswith(VISION_PREFIXES)
-
-
-# ---------------------------------------------------------------------------------------------
-def _get(tree: dict, path: tuple):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for p in path[:-1]:
-        tree = tree[p]
-    tree[path[-1]] = value
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
@@ -165,8 +152,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
         keys.setdefault(canonical_key(key), key)
 
     unknown, mismatched, skipped_vision, tied = [], [], [], []
-    buffers: dict[tuple, np.ndarray] = {}
-    filled: dict[tuple, int] = {}
+    staging = HostStaging(pure)
     for canon, raw_key in keys.items():
         if canon in TIED_KEYS:
             tied.append((canon, raw_key))
@@ -178,21 +164,13 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
                 unknown.append(raw_key)
             continue
         entry = entries[canon]
-        leaf = _get(pure, entry.path)
-        target = leaf.shape[1:] if entry.index is not None else leaf.shape
+        target = staging.target_shape(entry)
         value = entry.to_ours(ckpt.get(raw_key))
-        if tuple(value.shape) != tuple(target):
+        if tuple(value.shape) != target:
             mismatched.append(f"{raw_key}: checkpoint {ckpt.shape(raw_key)} -> {tuple(value.shape)}, "
-                              f"model expects {tuple(target)}")
+                              f"model expects {target}")
             continue
-        buf = buffers.get(entry.path)
-        if buf is None:
-            buf = buffers[entry.path] = np.empty(leaf.shape, leaf.dtype)
-        if entry.index is None:
-            buf[...] = value
-        else:
-            buf[entry.index] = value
-        filled[entry.path] = filled.get(entry.path, 0) + 1
+        staging.put(entry, value)
     missing = [k for k in entries if k not in keys]
     problems = []
     if unknown:
@@ -210,9 +188,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
                                   "this implementation has a single shared table")
     if skipped_vision:
         log.warning("load_hf: text_only=True, skipped %d vision tower/projector tensors", len(skipped_vision))
-    for p, buf in list(buffers.items()):
-        _set(pure, p, jnp.asarray(buf))
-        del buffers[p], buf                      # free the host copy before the next parameter
+    staging.to_device()
     nnx.replace_by_pure_dict(abstract_state, pure)
     return nnx.merge(graphdef, abstract_state)
 
@@ -229,7 +205,7 @@ def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = []
     for e in hf_entries(cfg):
-        arr = _get(pure, e.path)
+        arr = get_path(pure, e.path)
         sliced = jax.ShapeDtypeStruct(arr.shape[1:] if e.index is not None else arr.shape, arr.dtype)
         shape = jax.eval_shape(e.to_hf, sliced).shape
 
