@@ -70,9 +70,7 @@ class ParseRecord(grain.transforms.MapWithIndex):
             if self.kind == "pretrain":
                 return self._document(index, origin, obj, base_dir)
             return self._conversation(index, origin, obj, base_dir)
-        except BadRecord as e:
-            return make_skip(e.reason, origin, str(e))
-        except ImageError as e:
+        except (BadRecord, ImageError) as e:
             return make_skip(e.reason, origin, str(e))
 
     # ---- pretraining ----------------------------------------------------------------------
@@ -90,7 +88,7 @@ class ParseRecord(grain.transforms.MapWithIndex):
         if not "".join(parts).strip():
             raise BadRecord("empty_text", "empty text")
         ids = [self.tokenizer.encode(p) for p in parts]
-        text_ids = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
+        text_ids = _concat_ids(ids)
         if self.tokenizer.has_reserved(text_ids):
             raise BadRecord("reserved_token", "text contains a reserved token (sentinel, mode, "
                                               "image or turn marker)")
@@ -147,7 +145,7 @@ class ParseRecord(grain.transforms.MapWithIndex):
                 pieces = [x for j, p in enumerate(ids) for x in ((p, block) if j < len(refs) else (p,))]
             else:
                 pieces = [block] * len(refs) + ids
-            content_ids = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+            content_ids = _concat_ids(pieces)
             turns.append(Turn(
                 role=role, rendered=self.template.render_turn(role, content_ids),
                 target=content_ids if role == "model" else None,
@@ -203,3 +201,7 @@ def _image_refs(value: Any, what: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadRecord("bad_schema", f"'{what}' must be a list of strings")
     return list(value)
+
+
+def _concat_ids(pieces: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)

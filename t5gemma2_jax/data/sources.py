@@ -36,17 +36,12 @@ class JsonlSource:
     def __init__(self, paths: Sequence[str]):
         self.names = [os.fspath(p) for p in paths]
         self.base_dirs: list[str | None] = [os.path.dirname(os.path.abspath(p)) for p in self.names]
-        files, offsets, lengths, lines = [], [], [], []
-        for fi, path in enumerate(self.names):
-            o, n, ln = _index_lines(path)
-            files.append(np.full(len(o), fi, np.int32))
-            offsets.append(o)
-            lengths.append(n)
-            lines.append(ln)
-        self._file = np.concatenate(files) if files else np.zeros(0, np.int32)
-        self._offset = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
-        self._length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        self._line = np.concatenate(lines) if lines else np.zeros(0, np.int64)
+        # Per file: its records' (offsets, lengths, line numbers), and the file's index.
+        index = [(*_index_lines(path), fi) for fi, path in enumerate(self.names)]
+        self._offset = _cat([o for o, _, _, _ in index], np.int64)
+        self._length = _cat([n for _, n, _, _ in index], np.int64)
+        self._line = _cat([ln for _, _, ln, _ in index], np.int64)
+        self._file = _cat([np.full(len(o), fi, np.int32) for o, _, _, fi in index], np.int32)
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -102,10 +97,11 @@ def _index_lines(path: str, block: int = 1 << 26) -> tuple[np.ndarray, np.ndarra
                 base += cut
             if not chunk:
                 break
-    if not offsets:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return (np.concatenate(offsets).astype(np.int64), np.concatenate(lengths).astype(np.int64),
-            np.concatenate(line_numbers).astype(np.int64))
+    return _cat(offsets, np.int64), _cat(lengths, np.int64), _cat(line_numbers, np.int64)
+
+
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
 class ArrayRecordSource:
