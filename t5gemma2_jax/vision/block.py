@@ -14,9 +14,15 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import VisionConfig
+from t5gemma2_jax.sharding import constrain
 from t5gemma2_jax.vision.layers import LayerNorm, fan_in_normal
 
 _HEAD = ("vision_heads", "vision_head_dim")
+# Activations share the text model's logical names: images are split over the batch axes like
+# rows, so FSDP-sharded tower weights are gathered per layer instead of the images replicated.
+_NTD = ("batch", "length", "embed")
+_NTHK = ("batch", "length", "heads", "head_dim")
+_NTF = ("batch", "length", "mlp")
 
 
 class SiglipAttention(nnx.Module):
@@ -45,7 +51,7 @@ class SiglipAttention(nnx.Module):
 
         def proj(kernel: nnx.Param, bias: nnx.Param, name: str) -> jax.Array:
             y = jnp.einsum("NTD,DHK->NTHK", x, kernel[...].astype(dt)) + bias[...].astype(dt)
-            return checkpoint_name(y, name)  # names used by the 'save_qkv_proj' remat policy
+            return checkpoint_name(constrain(y, _NTHK), name)  # names of the 'save_qkv_proj' policy
 
         q = proj(self.q_kernel, self.q_bias, "query_proj")
         k = proj(self.k_kernel, self.k_bias, "key_proj")
@@ -53,9 +59,9 @@ class SiglipAttention(nnx.Module):
         # Scores in float32 (softmax statistics must not be bf16), probabilities back in dt.
         scores = jnp.einsum("NTHK,NSHK->NHTS", q, k, preferred_element_type=jnp.float32) * self.scale
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        o = jnp.einsum("NHTS,NSHK->NTHK", probs, v)
+        o = constrain(jnp.einsum("NHTS,NSHK->NTHK", probs, v), _NTHK)
         out = jnp.einsum("NTHK,HKD->NTD", o, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
-        return checkpoint_name(out, "out_proj")
+        return checkpoint_name(constrain(out, _NTD), "out_proj")
 
 
 class SiglipMLP(nnx.Module):
@@ -72,7 +78,7 @@ class SiglipMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
         h = jnp.einsum("NTD,DF->NTF", x, self.fc1_kernel[...].astype(dt)) + self.fc1_bias[...].astype(dt)
-        h = jax.nn.gelu(h, approximate=True)  # HF 'gelu_pytorch_tanh'
+        h = jax.nn.gelu(constrain(h, _NTF), approximate=True)  # HF 'gelu_pytorch_tanh'
         return jnp.einsum("NTF,FD->NTD", h, self.fc2_kernel[...].astype(dt)) + self.fc2_bias[...].astype(dt)
 
 
@@ -84,5 +90,6 @@ class SiglipBlock(nnx.Module):
         self.mlp = SiglipMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = constrain(x, _NTD)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))

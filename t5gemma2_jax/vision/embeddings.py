@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5gemma2_jax.config import VisionConfig
+from t5gemma2_jax.sharding import constrain
 from t5gemma2_jax.vision.layers import fan_in_normal, normal
 
 
@@ -37,7 +38,8 @@ class PatchEmbedding(nnx.Module):
                 f"(channels first), got {tuple(pixel_values.shape)}"
             )
         p, P = cfg.patch_size, cfg.patches_per_side
+        pixel_values = constrain(pixel_values, ("batch", None, None, None))
         x = pixel_values.astype(self.dtype).reshape(N, C, P, p, P, p)  # [N, C, row, i, col, j]
         x = jnp.einsum("NCYiXj,ijCD->NYXD", x, self.kernel[...].astype(self.dtype))
         x = x.reshape(N, P * P, cfg.hidden_size) + self.bias[...].astype(self.dtype)
-        return x + self.position[...].astype(self.dtype)
+        return constrain(x + self.position[...].astype(self.dtype), ("batch", "length", "embed"))
