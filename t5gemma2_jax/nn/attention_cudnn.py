@@ -64,17 +64,14 @@ def _log_fallback_once(reason: str, shape: tuple) -> None:
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, scale: float,
-                    block_size: int, *, implementation: str | None = "cudnn",
-                    compute_capability: float | None = -1.0) -> jax.Array:
+                    block_size: int, *, implementation: str | None = "cudnn") -> jax.Array:
     """Attention for the `cudnn` backend: cuDNN when it takes these inputs, blockwise otherwise.
 
     `implementation="xla"` runs the same `jax.nn.dot_product_attention` call through XLA (any
     platform): the tests use it to check the arguments this module hands to cuDNN.
-    `compute_capability=-1` reads it from the first CUDA device.
     """
     if implementation == "cudnn":
-        cap = _gpu_compute_capability() if compute_capability == -1.0 else compute_capability
-        reason = cudnn_unsupported_reason(q, k, cap)
+        reason = cudnn_unsupported_reason(q, k, _gpu_compute_capability())
         if reason is not None:
             _log_fallback_once(reason, tuple(q.shape))
             from t5gemma2_jax.nn.attention_blockwise import blockwise_attention
