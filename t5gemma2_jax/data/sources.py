@@ -36,12 +36,17 @@ class JsonlSource:
     def __init__(self, paths: Sequence[str]):
         self.names = [os.fspath(p) for p in paths]
         self.base_dirs: list[str | None] = [os.path.dirname(os.path.abspath(p)) for p in self.names]
-        # Per file: its records' (offsets, lengths, line numbers), and the file's index.
-        index = [(*_index_lines(path), fi) for fi, path in enumerate(self.names)]
-        self._offset = _cat([o for o, _, _, _ in index], np.int64)
-        self._length = _cat([n for _, n, _, _ in index], np.int64)
-        self._line = _cat([ln for _, _, ln, _ in index], np.int64)
-        self._file = _cat([np.full(len(o), fi, np.int32) for o, _, _, fi in index], np.int32)
+        files, offsets, lengths, lines = [], [], [], []
+        for fi, path in enumerate(self.names):
+            o, n, ln = _index_lines(path)
+            files.append(np.full(len(o), fi, np.int32))
+            offsets.append(o)
+            lengths.append(n)
+            lines.append(ln)
+        self._file = _cat(files, np.int32)
+        self._offset = _cat(offsets, np.int64)
+        self._length = _cat(lengths, np.int64)
+        self._line = _cat(lines, np.int64)
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
