@@ -23,8 +23,8 @@ from flax import nnx
 
 from t5gemma2_jax.checkpoints.hf_config import config_from_hf, config_to_hf
 from t5gemma2_jax.checkpoints.hf_mapping import HFEntry, identity, transpose
-from t5gemma2_jax.checkpoints.staging import HostStaging, get_path
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointDir, CheckpointError, split_shards, write_safetensors
+from t5gemma2_jax.checkpoints.staging import HostStaging, get_path
 from t5gemma2_jax.config import T5Gemma2Config, TextConfig
 from t5gemma2_jax.model import T5Gemma2
 from t5gemma2_jax.nn.stack import layer_slot, stack_layout
@@ -206,7 +206,7 @@ def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5
     tensors = []
     for e in hf_entries(cfg):
         arr = get_path(pure, e.path)
-        sliced = jax.ShapeDtypeStruct(arr.shape[1:] if e.index is not None else arr.shape, arr.dtype)
+        sliced = jax.ShapeDtypeStruct(e.tensor_shape(arr.shape), arr.dtype)
         shape = jax.eval_shape(e.to_hf, sliced).shape
 
         def produce(arr=arr, e=e):

@@ -33,5 +33,9 @@ class HFEntry:
     to_ours: Transform = identity
     to_hf: Transform = identity
 
+    def tensor_shape(self, param_shape) -> tuple[int, ...]:
+        """Shape of this entry's tensor in our layout: the parameter's, less the layer axis of a stack."""
+        return tuple(param_shape[1:] if self.index is not None else param_shape)
+
     def prefixed(self, *prefix) -> "HFEntry":
         return HFEntry(self.hf_key, tuple(prefix) + self.path, self.index, self.to_ours, self.to_hf)

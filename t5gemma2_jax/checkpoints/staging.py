@@ -34,9 +34,8 @@ class HostStaging:
         self._buffers: dict[tuple, np.ndarray] = {}
 
     def target_shape(self, entry: HFEntry) -> tuple[int, ...]:
-        """The shape `entry.to_ours(tensor)` must have: the parameter's, less the layer axis of a stack."""
-        shape = tuple(get_path(self.pure, entry.path).shape)
-        return shape[1:] if entry.index is not None else shape
+        """The shape `entry.to_ours(tensor)` must have."""
+        return entry.tensor_shape(get_path(self.pure, entry.path).shape)
 
     def buffer(self, path: tuple) -> np.ndarray:
         if path not in self._buffers:
