@@ -6,8 +6,8 @@
 
 --format hf (default) writes a directory `T5Gemma2ForConditionalGeneration.from_pretrained` and
 `t5gemma2_jax.load_hf` read; --format orbax writes `model_config.json` + `params/` (Orbax, one
-entry per parameter under its dotted NNX path), which `t5gemma2_jax.adapt.load_orbax` and the
-trainer's `train.init_from` read. Both also get `adaptation.json`: what was copied, dropped and
+entry per parameter under its dotted NNX path: the params export of `t5gemma2_jax.checkpoints.export`),
+which `t5gemma2_jax.load_export` and the trainer's `train.init_from` read. Both also get `adaptation.json`: what was copied, dropped and
 initialised. See docs/adaptation.md.
 """
 
@@ -64,8 +64,7 @@ def main(argv=None):
 
     import jax.numpy as jnp
 
-    from t5gemma2_jax.adapt import adapt_gemma3, save_orbax
-    from t5gemma2_jax.checkpoints.hf import save_hf
+    from t5gemma2_jax.checkpoints import adapt_gemma3, flat_params, save_export, save_hf
 
     overrides = {field: getattr(args, field) for _, field, _, _ in _OVERRIDES if getattr(args, field) is not None}
     model, info = adapt_gemma3(args.gemma3, dtype=jnp.dtype(args.dtype), text_only=args.text_only,
@@ -74,7 +73,7 @@ def main(argv=None):
     if args.format == "hf":
         save_hf(model, out, max_shard_size=args.max_shard_size)
     else:
-        save_orbax(model, out)
+        save_export(out, model.config, flat_params(model))
     info["format"] = args.format
     info["overrides"] = overrides
     (out / "adaptation.json").write_text(json.dumps(info, indent=1))

@@ -5,7 +5,8 @@ optionally against transformers (PyTorch, eager) doing the same work in the same
     python scripts/benchmark.py --preset 270m-270m --encoder-length 512 --decoder-length 128 \
         --batch 2 --dtype float32 --vs-hf
 
-Train step: forward + backward + AdamW update, jit-compiled (timed after one warm-up step).
+Train step: forward + backward + AdamW update, the trainer's own compiled step
+(`t5gemma2_jax.train.Trainer`, state donated), timed after one warm-up step.
 Generation: encoder + `--new-tokens` greedy tokens with the KV cache (`t5gemma2_jax.generate`),
 against `model.generate(do_sample=False, min_new_tokens=max_new_tokens)` in transformers.
 TFLOP/s use the analytic count of `t5gemma2_jax.train.flops`; MFU divides by the device's
@@ -22,13 +23,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import t5gemma2_jax as tg
-from t5gemma2_jax.losses import cross_entropy
+from t5gemma2_jax.train import Trainer
+from t5gemma2_jax.train.config import from_dict
 from t5gemma2_jax.train.flops import measured_cpu_peak, peak_flops_per_device, step_flops
 
 
@@ -50,29 +50,32 @@ def _time(fn, steps):
     return float(np.median(times))
 
 
-def bench_jax_train(cfg, B, S, T, steps):
-    model = tg.T5Gemma2(cfg, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.adamw(1e-4)
-    opt = tx.init(params)
-    ids, dec, tgt = (jnp.asarray(x) for x in _batch(cfg, B, S, T))
-
-    @jax.jit
-    def step(params, opt):
-        def loss_fn(p):
-            logits = nnx.merge(graphdef, p)(ids, dec)
-            total, count = cross_entropy(logits, tgt)
-            return total / count
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss
-
-    state = [params, opt]
+def bench_jax_train(a, B, S, T, steps):
+    """The trainer's step on unpacked rows (one example per row, as transformers gets them), with
+    AdamW as `torch.optim.AdamW` defaults it: constant lr 1e-4, weight decay 0.01, no clipping."""
+    cfg = from_dict({
+        "model": {"preset": a.preset, "with_vision": False, "dtype": a.dtype, "param_dtype": "float32",
+                  "attention_backend": a.attention, "remat": a.remat},
+        "data": {"batch_size": B, "encoder_length": S, "decoder_length": T, "max_images_per_row": 0},
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "optim": {"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.01,
+                  "clip_norm": 0.0},
+        "train": {"data_source": "synthetic", "eval_every": 0},
+    })
+    trainer = Trainer.build(cfg, devices=jax.devices()[:1])
+    compiled = trainer.compile()
+    ids, dec, tgt = _batch(trainer.model_config, B, S, T)
+    ones = lambda n: np.ones((B, n), np.int32)  # noqa: E731
+    positions = lambda n: np.broadcast_to(np.arange(n, dtype=np.int32), (B, n)).copy()  # noqa: E731
+    batch = trainer.place_batch({
+        "encoder_input_ids": ids, "encoder_segment_ids": ones(S), "encoder_positions": positions(S),
+        "decoder_input_ids": dec, "decoder_target_ids": tgt, "decoder_loss_weights": ones(T).astype(np.float32),
+        "decoder_segment_ids": ones(T), "decoder_positions": positions(T)})
+    state = [trainer.init_state()]
 
     def run():
-        p, o, loss = step(*state)
-        loss.block_until_ready()
-        state[:] = [p, o]
+        state[0], metrics = compiled.train(state[0], batch)
+        metrics["loss"].block_until_ready()
 
     return _time(run, steps)
 
@@ -154,7 +157,7 @@ def main(argv=None):
                   or platform.machine(), cpus=os.cpu_count(), peak_tflops=peak / 1e12, peak_source=peak_src)
     what = set(a.what.split(","))
     if "train" in what:
-        t = bench_jax_train(cfg, B, S, T, a.steps)
+        t = bench_jax_train(a, B, S, T, a.steps)
         result.update(train_step_s=t, train_tokens_per_s=B * (S + T) / t, train_tflops=train_flops / t / 1e12,
                       train_mfu=(train_flops / t / peak) if peak else None)
         print(f"jax train step: {t:.3f} s  {B * (S + T) / t:.1f} tok/s  {train_flops / t / 1e12:.3f} TFLOP/s"

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5gemma2_jax.nn.attention_ops import MaskInfo, attend, bidirectional_window
+from t5gemma2_jax.nn.backends import attend
+from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window
 
 
 def _timed(fn, *args, reps=3):

@@ -30,14 +30,14 @@ def _load_model(a, with_images: bool):
     dtype = jnp.dtype(a.dtype)
     if a.hf:
         return tg.load_hf(a.hf, dtype=dtype, text_only=not with_images), None
-    from t5gemma2_jax.train.checkpoint import load_export
+    from t5gemma2_jax.checkpoints.export import CONFIG_FILE, load_export
 
     root = Path(a.checkpoint)
     export = root / "export" if (root / "export").is_dir() else root
     if not export.is_dir():
         raise SystemExit(f"--checkpoint {root}: not a directory")
-    if not (export / "model_config.json").exists():
-        raise SystemExit(f"--checkpoint {root}: no params export found (expected {export}/model_config.json; "
+    if not (export / CONFIG_FILE).exists():
+        raise SystemExit(f"--checkpoint {root}: no params export found (expected {export}/{CONFIG_FILE}; "
                          "scripts/train.py writes it at the end of a run)")
     return load_export(export, dtype=dtype.name), root
 
@@ -55,27 +55,6 @@ def _tokenizer(a, workdir, vocab_size: int):
     if vocab_size == 512:
         return Tokenizer(tiny_tokenizer_path())
     raise SystemExit("pass --tokenizer PATH (the model's SentencePiece tokenizer.model)")
-
-
-def encode_prompt(tok, text: str, n_images: int, mm_tokens: int, *, chat: bool, mode: str | None) -> np.ndarray:
-    """bos [mode] then the prompt (in a user turn with --chat) with each image's token block."""
-    from t5gemma2_jax.data.tokenizer import IMAGE_MARKER
-
-    s = tok.special
-    parts = text.split(IMAGE_MARKER)
-    if len(parts) - 1 not in (0, n_images):
-        raise SystemExit(f"the prompt has {len(parts) - 1} {IMAGE_MARKER} markers but {n_images} --image")
-    if len(parts) == 1 and n_images:
-        parts = [""] * n_images + parts          # unmarked images come first
-    body = [tok.encode(parts[0])]
-    for part in parts[1:]:
-        body += [tok.image_block(mm_tokens), tok.encode(part)]
-    body = np.concatenate(body).astype(np.int32)
-    head = [s.bos] + ([s.modes[mode]] if mode else [])
-    if chat:
-        body = np.concatenate([[s.start_of_turn], tok.encode("user\n"), body, [s.end_of_turn], tok.encode("\n"),
-                               [s.start_of_turn], tok.encode("model\n")])
-    return np.concatenate([head, body]).astype(np.int32)[None]
 
 
 def main(argv=None) -> str:
@@ -99,21 +78,25 @@ def main(argv=None) -> str:
     a = p.parse_args(argv)
 
     import t5gemma2_jax as tg
+    from t5gemma2_jax.configlib import ConfigError
+    from t5gemma2_jax.data.images import ImageError, load_image, preprocess_image
+    from t5gemma2_jax.data.prompts import encode_prompt
     from t5gemma2_jax.generation import generate_stream
-    from t5gemma2_jax.vision import ImageError, load_image, preprocess_image
 
     model, workdir = _load_model(a, with_images=bool(a.image))
     cfg = model.config
     tok = _tokenizer(a, workdir, cfg.vocab_size)
-    if a.mode and a.mode not in tok.special.modes:
-        raise SystemExit(f"--mode {a.mode!r}: the tokenizer has {sorted(tok.special.modes)}")
     pixels = None
     if a.image:
         try:
             pixels = np.stack([preprocess_image(load_image(path), cfg.vision.image_size) for path in a.image])
         except ImageError as e:
             raise SystemExit(f"--image: {e}") from None
-    ids = encode_prompt(tok, a.prompt, len(a.image), cfg.mm_tokens_per_image, chat=a.chat, mode=a.mode)
+    try:
+        ids = encode_prompt(tok, a.prompt, images=len(a.image), mm_tokens_per_image=cfg.mm_tokens_per_image,
+                            chat=a.chat, mode=a.mode)[None]
+    except ConfigError as e:
+        raise SystemExit(f"--{e}") from None
     out: list[int] = []
     if a.method == "beam":
         tokens = np.asarray(tg.generate(model, ids, pixel_values=pixels, max_new_tokens=a.max_new_tokens,

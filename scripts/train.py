@@ -44,19 +44,19 @@ def main(argv=None) -> int:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from t5gemma2_jax.config import ConfigError
-    from t5gemma2_jax.data.config import DataConfigError
     from t5gemma2_jax.train import SetupError, load_config, maybe_initialize_distributed, prepare, train
 
     try:
         cfg = load_config(args.config, args.overrides)
         maybe_initialize_distributed(cfg.train.distributed)
-        plan = prepare(cfg, args.workdir)
-    except (ConfigError, DataConfigError, SetupError) as e:
+        workdir, trainer = prepare(cfg, args.workdir)
+    except (ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"ok: mesh {dict(plan.mesh.shape)} on {plan.mesh.size} {plan.mesh.devices.flat[0].platform} "
-              f"devices, global batch {cfg.data.batch_size}, workdir {plan.workdir}")
+        mesh = trainer.mesh
+        print(f"ok: mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} "
+              f"devices, global batch {cfg.data.batch_size}, workdir {workdir}")
         return 0
     summary = train(cfg, Path(args.workdir))
     if summary["preempted"]:

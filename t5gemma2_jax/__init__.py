@@ -1,13 +1,15 @@
-"""T5Gemma 2 in JAX / Flax NNX."""
+"""T5Gemma 2 in JAX / Flax NNX.
 
-from t5gemma2_jax.config import (ConfigError, PRESETS, T5Gemma2Config, TextConfig, VisionConfig,
-                                 preset)
-from t5gemma2_jax.model import T5Gemma2, count_params
-from t5gemma2_jax.checkpoints.hf import load_hf, save_hf
-from t5gemma2_jax.adapt import adapt_gemma3
+The layers of the package, and which way imports go, are described in docs/architecture.md.
+"""
+
+from t5gemma2_jax.checkpoints import CheckpointError, adapt_gemma3, load_export, load_hf, save_export, save_hf
+from t5gemma2_jax.config import ConfigError, PRESETS, T5Gemma2Config, TextConfig, VisionConfig, preset
 from t5gemma2_jax.generation import generate, score
+from t5gemma2_jax.model import ModelOutput, T5Gemma2, count_params
 
 __all__ = [
-    "adapt_gemma3", "ConfigError", "PRESETS", "T5Gemma2", "T5Gemma2Config", "TextConfig", "VisionConfig",
-    "count_params", "generate", "load_hf", "preset", "save_hf", "score",
+    "adapt_gemma3", "CheckpointError", "ConfigError", "ModelOutput", "PRESETS", "T5Gemma2", "T5Gemma2Config",
+    "TextConfig", "VisionConfig", "count_params", "generate", "load_export", "load_hf", "preset", "save_export",
+    "save_hf", "score",
 ]

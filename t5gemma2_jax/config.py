@@ -1,8 +1,10 @@
 """Typed, frozen, validated configuration of a T5Gemma 2 model.
 
 A `T5Gemma2Config` holds one `TextConfig` per tower, the SigLIP `VisionConfig`, the special token
-ids, and the few runtime choices that change the compiled program (dtypes, scanning, remat,
-attention backend). Every config validates itself on construction and names the offending field.
+ids, and the few runtime choices that change the compiled program but not the checkpoint
+(`RUNTIME_FIELDS`: dtypes, scanning, remat, attention backend). Every config validates itself on
+construction and names the offending field; `from_dict` reads one back through the config engine
+(`t5gemma2_jax.configlib`).
 """
 
 from __future__ import annotations
@@ -10,38 +12,34 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+
+from t5gemma2_jax import configlib
+from t5gemma2_jax.configlib import ConfigError, require_int
+from t5gemma2_jax.nn import backends
+from t5gemma2_jax.nn.scan import REMAT_POLICIES
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_out_proj")
-ATTENTION_BACKENDS = ("dense", "blockwise", "splash", "cudnn")
 # Architecture ablations (the T5Gemma 2 paper's): how the decoder reads the encoder, and tying.
 CROSS_ATTENTION = ("merged", "separate", "global_only")
 EMBEDDINGS = ("tied", "untied")
+# Fields that change how a model runs, not what its parameters are: a checkpoint loads into a
+# config that differs from its own only in these.
+RUNTIME_FIELDS = ("with_vision", "dtype", "param_dtype", "scan_layers", "remat", "attention_backend",
+                  "attention_block_size")
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the field."""
+__all__ = ["ConfigError"]  # re-exported: the one error type of every config
 
 
 def _check(cond: bool, where: str, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{where}.{name}: {msg}")
+    configlib.require(cond, f"{where}.{name}", msg)
 
 
-def _positive_int(obj: Any, where: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _check(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            where,
-            name,
-            f"must be a positive integer, got {value!r}",
-        )
+def _positive_int(obj, where: str, *names: str) -> None:
+    require_int(obj, where, *names)
 
 
 def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
@@ -192,10 +190,10 @@ class T5Gemma2Config:
                    f"must be a token id in [0, {V}), got {value!r}")
         _check(self.dtype in DTYPES, where, "dtype", f"{self.dtype!r} not in {DTYPES}")
         _check(self.param_dtype in DTYPES, where, "param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
-        _check(self.remat in REMAT_POLICIES, where, "remat", f"{self.remat!r} not in {REMAT_POLICIES}")
+        _check(self.remat in REMAT_POLICIES, where, "remat", f"{self.remat!r} not in {tuple(REMAT_POLICIES)}")
         _positive_int(self, where, "attention_block_size")
-        _check(self.attention_backend in ATTENTION_BACKENDS, where, "attention_backend",
-               f"{self.attention_backend!r} not in {ATTENTION_BACKENDS}")
+        _check(self.attention_backend in backends.names(), where, "attention_backend",
+               f"{self.attention_backend!r} not in {backends.names()}")
 
     @property
     def hidden_size(self) -> int:
@@ -213,23 +211,24 @@ class T5Gemma2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "T5Gemma2Config":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"T5Gemma2Config: unknown fields {unknown}")
-        for key, sub in (("encoder", TextConfig), ("decoder", TextConfig), ("vision", VisionConfig)):
-            if key in d and isinstance(d[key], dict):
-                d[key] = _sub_from_dict(sub, d[key], key)
-        return cls(**d)
+        """The config `to_dict` gave (JSON-parsed: lists for tuples), every key checked."""
+        return configlib.build(cls, d, cls.__name__)
 
-
-def _sub_from_dict(cls, d: dict, where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown fields {unknown}")
-    return cls(**d)
+    def architecture_differences(self, other: "T5Gemma2Config", labels=("self", "other")) -> list[str]:
+        """Fields outside `RUNTIME_FIELDS` where `other` differs (`other`'s vision is compared only
+        when it has a vision tower): empty when a checkpoint of one loads into the other."""
+        mine, theirs = configlib.plain(self), configlib.plain(other)
+        a, b = labels
+        diffs = []
+        for key, value in mine.items():
+            if key in RUNTIME_FIELDS or (key == "vision" and not other.with_vision):
+                continue
+            if isinstance(value, dict):
+                diffs += [f"{key}.{k}: {a} {v!r} != {b} {theirs[key][k]!r}" for k, v in value.items()
+                          if v != theirs[key][k]]
+            elif value != theirs[key]:
+                diffs.append(f"{key}: {a} {value!r} != {b} {theirs[key]!r}")
+        return diffs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """T5Gemma 2: a bidirectional Gemma 3 encoder (text + SigLIP image tokens) and a Gemma 3 decoder
 whose attention is merged over [its own keys | encoder keys], sharing one embedding table.
 
-    logits = model(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask, pixel_values)
+    out = model(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask, pixel_values)
+    out.logits            # [B, T, V]
+    out.encoder_states    # [B, S, D], the encoder's output (what `encode` returns)
 
 `attention_mask`/`decoder_attention_mask` are 0/1 padding masks as in Hugging Face. For packed
 batches pass `encoder_segment_ids`/`decoder_segment_ids` (0 = padding, one id per example) and
@@ -14,16 +16,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from t5gemma2_jax.config import FULL, SLIDING, T5Gemma2Config, TextConfig
-from t5gemma2_jax.nn.attention_ops import MaskInfo, bidirectional_window, causal_window
+from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window, causal_window
 from t5gemma2_jax.nn.embed import Embedder
 from t5gemma2_jax.nn.layers import LayerContext
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.nn.rope import rope_angles
 from t5gemma2_jax.nn.stack import LayerStack
 from t5gemma2_jax.sharding import constrain
+
+
+@struct.dataclass
+class ModelOutput:
+    """What a forward pass gives: a pytree, so it passes through `jax.jit` and `nnx.jit`."""
+
+    logits: jax.Array            # [B, T, V] in the compute dtype (soft-capped when configured)
+    encoder_states: jax.Array    # [B, S, D] after the encoder's final norm
 
 
 class Tower(nnx.Module):
@@ -231,12 +241,12 @@ class T5Gemma2(nnx.Module):
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
                  pixel_values=None, *, image_mask=None, encoder_segment_ids=None, decoder_segment_ids=None,
-                 encoder_positions=None, decoder_positions=None, return_encoder_output: bool = False):
+                 encoder_positions=None, decoder_positions=None) -> ModelOutput:
         enc, enc_seg = self.encode(input_ids, attention_mask, pixel_values=pixel_values, image_mask=image_mask,
                                    segment_ids=encoder_segment_ids, positions=encoder_positions)
         logits = self.decode(decoder_input_ids, enc, enc_seg, decoder_attention_mask,
                              segment_ids=decoder_segment_ids, positions=decoder_positions)
-        return (logits, enc) if return_encoder_output else logits
+        return ModelOutput(logits=logits, encoder_states=enc)
 
 
 def count_params(config: T5Gemma2Config, *, vision: bool | None = None) -> dict[str, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -92,23 +92,40 @@ def _active_mesh():
     return mesh
 
 
+def fit_spec(spec: P, shape: Sequence[int], axis_sizes: Mapping[str, int]) -> tuple[P, bool]:
+    """`spec` for an array of `shape`, one entry per dimension, with every dimension its mesh axes
+    do not divide left replicated (e.g. one KV head on tensor=4): GSPMD would otherwise pad it
+    and rematerialise. Also says whether any dimension fell back."""
+    fitted, fell_back = [], False
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is not None:
+            n = 1
+            for a in (axes,) if isinstance(axes, str) else axes:
+                n *= axis_sizes[a]
+            if dim % n:
+                axes, fell_back = None, True
+        fitted.append(axes)
+    return P(*fitted), fell_back
+
+
+def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh,
+             rules: Rules | None = None) -> tuple[P, bool]:
+    """PartitionSpec of an array with `logical_axes` on `mesh` (see `fit_spec` for the flag)."""
+    spec = logical_to_spec(logical_axes, rules, mesh_axis_names=mesh.axis_names)
+    return fit_spec(spec, shape, dict(zip(mesh.axis_names, mesh.axis_sizes)))
+
+
+def variable_spec(var, mesh, rules: Rules | None = None) -> tuple[P, bool]:
+    """`spec_for` of an `nnx.Variable` from its `logical_axes` metadata (replicated without)."""
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+    return spec_for(axes, var.shape, mesh, rules)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pin activation `x` to the sharding its logical `names` map to (no-op without a mesh)."""
     mesh = _active_mesh()
     if mesh is None:
         return x
     names = tuple(n if n is None or n.startswith("activation_") else f"activation_{n}" for n in names)
-    spec = logical_to_spec(names, mesh_axis_names=mesh.axis_names)
-    # A mesh axis that does not divide the dimension (e.g. one KV head on tensor=4) leaves it
-    # replicated rather than forcing XLA into padding and rematerialisation.
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    fitted = []
-    for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
-        if axes is not None:
-            n = 1
-            for a in (axes,) if isinstance(axes, str) else axes:
-                n *= sizes[a]
-            if dim % n:
-                axes = None
-        fitted.append(axes)
-    return jax.lax.with_sharding_constraint(x, P(*fitted))
+    spec, _ = spec_for(names, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -41,7 +41,7 @@ def test_cached_decoding_equals_full_forward(name):
     mask[1, 10:] = 0
     tokens, scores = tg.generate(model, ids, mask, max_new_tokens=11, eos_id=-1, return_scores=True)
     dec_in = np.concatenate([np.full((2, 1), 2), np.asarray(tokens)[:, :-1]], axis=1)
-    np.testing.assert_allclose(np.asarray(scores), np.asarray(model(ids, dec_in, mask)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(model(ids, dec_in, mask).logits), atol=1e-5)
 
 
 def test_parameter_count_effects():
@@ -62,8 +62,8 @@ def test_global_only_local_layers_do_not_read_the_encoder():
     t = _cfg().decoder.replace(layer_types=(SLIDING,) * 4)
     model = _perturbed(_cfg(cross_attention="global_only").replace(decoder=t))
     dids = np.random.default_rng(1).integers(7, 512, (1, 6))
-    a = np.asarray(model(np.random.default_rng(2).integers(7, 512, (1, 9)), dids))
-    b = np.asarray(model(np.random.default_rng(3).integers(7, 512, (1, 9)), dids))
+    a = np.asarray(model(np.random.default_rng(2).integers(7, 512, (1, 9)), dids).logits)
+    b = np.asarray(model(np.random.default_rng(3).integers(7, 512, (1, 9)), dids).logits)
     np.testing.assert_array_equal(a, b)
     merged = _perturbed(_cfg().replace(decoder=t))
     assert np.abs(np.asarray(merged(np.random.default_rng(2).integers(7, 512, (1, 9)), dids))
@@ -78,7 +78,7 @@ def test_unequal_depth_and_width():
         _cfg().replace(encoder=enc, decoder=dec)
     cfg = _cfg(cross_attention="separate", embeddings="untied").replace(encoder=enc, decoder=dec)
     model = _perturbed(cfg)
-    logits = np.asarray(model(np.ones((2, 8), np.int32) * 9, np.ones((2, 5), np.int32) * 9))
+    logits = np.asarray(model(np.ones((2, 8), np.int32) * 9, np.ones((2, 5), np.int32) * 9).logits)
     assert logits.shape == (2, 5, 512) and np.isfinite(logits).all()
     assert model.decoder.stack.layers[0].cross_attn.k[...].shape[0] == 64     # reads the 64-wide encoder
 

@@ -15,7 +15,8 @@ from flax import nnx
 from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           T5Gemma2ForConditionalGeneration)
 
-from t5gemma2_jax.adapt import adapt_gemma3, config_from_gemma3, gemma3_key, load_orbax
+from t5gemma2_jax.checkpoints.export import load_export
+from t5gemma2_jax.checkpoints.gemma3 import adapt_gemma3, config_from_gemma3, gemma3_key
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from t5gemma2_jax.config import FULL, SLIDING, ConfigError, T5Gemma2Config, VisionConfig, default_layer_types
 
@@ -110,7 +111,7 @@ def _gemma3_logits(hf, ids, mask):
 
 # The public forward under jit (one compile is much cheaper than eager op-by-op dispatch).
 _forward = nnx.jit(lambda model, enc, ids, enc_mask, mask: model(
-    input_ids=enc, decoder_input_ids=ids, attention_mask=enc_mask, decoder_attention_mask=mask))
+    input_ids=enc, decoder_input_ids=ids, attention_mask=enc_mask, decoder_attention_mask=mask).logits)
 
 
 def _masked_encoder_logits(model, ids, mask):
@@ -208,7 +209,7 @@ def test_script_hf_and_orbax_exports(src_4b, tmp_path):
 
     written = script.main(args + ["--out", str(tmp_path / "orbax"), "--format", "orbax"])
     assert (tmp_path / "orbax" / "model_config.json").exists() and (tmp_path / "orbax" / "params").is_dir()
-    restored = load_orbax(tmp_path / "orbax")
+    restored = load_export(tmp_path / "orbax")
     assert restored.config == written.config and restored.config.decoder.rope_global_factor == 4.0
     a, b = _params(restored), _params(written)
     assert a.keys() == b.keys()

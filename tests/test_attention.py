@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import t5gemma2_jax as tg
-from t5gemma2_jax.nn.attention_ops import MaskInfo, attend, bidirectional_window, causal_window, dense_mask
+from t5gemma2_jax.nn.backends import attend
+from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window, causal_window, dense_mask
 
 B, T, S, H, K, d = 2, 37, 29, 4, 2, 8
 
@@ -84,14 +85,14 @@ def test_blockwise_model_matches_dense_model():
     blockwise = tg.T5Gemma2(cfg.replace(attention_backend="blockwise", attention_block_size=8), rngs=nnx.Rngs(0))
     ids = np.random.default_rng(0).integers(7, 512, (2, 30))
     dids = np.random.default_rng(1).integers(7, 512, (2, 19))
-    np.testing.assert_allclose(np.asarray(blockwise(ids, dids)), np.asarray(dense(ids, dids)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(blockwise(ids, dids).logits), np.asarray(dense(ids, dids).logits), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["encoder_local", "packed", "decoder_local", "decoder_global"])
 def test_cudnn_call_equals_dense(kind):
     """The exact `jax.nn.dot_product_attention` call the cuDNN backend makes (mask, GQA, scale),
     run through its XLA implementation, which has the same semantics and runs anywhere."""
-    from t5gemma2_jax.nn.attention_cudnn import cudnn_attention
+    from t5gemma2_jax.nn.backends.cudnn import attention as cudnn_attention
 
     mask, q, k, v, has_keys = _inputs(kind, 2)
     dense = lambda *x: attend(*x, mask, scale=0.3)  # noqa: E731
@@ -102,7 +103,7 @@ def test_cudnn_call_equals_dense(kind):
 
 
 def test_cudnn_support_rules_and_fallback():
-    from t5gemma2_jax.nn.attention_cudnn import cudnn_unsupported_reason
+    from t5gemma2_jax.nn.backends.cudnn import cudnn_unsupported_reason
 
     bf = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
     assert cudnn_unsupported_reason(bf(1, 64, 8, 256), bf(1, 128, 4, 256), 9.0) is None       # H100, Gemma 3 head dim

@@ -68,7 +68,7 @@ def test_cached_logits_equal_the_full_forward_at_every_step(pair):
     tokens, scores = np.asarray(tokens), np.asarray(scores)
     assert scores.shape == (ids.shape[0], N, model.config.vocab_size) and scores.dtype == np.float32
     dec_in = np.concatenate([np.full((ids.shape[0], 1), 2), tokens[:, :-1]], axis=1)
-    full = np.asarray(model(ids, dec_in, mask))
+    full = np.asarray(model(ids, dec_in, mask).logits)
     assert np.abs(scores - full).max() <= 1e-5
 
 
@@ -137,7 +137,7 @@ def test_generation_runs_sharded_on_a_mesh(pair):
     from jax.sharding import NamedSharding
 
     from t5gemma2_jax.sharding import DEFAULT_RULES
-    from t5gemma2_jax.train.mesh import spec_for
+    from t5gemma2_jax.sharding import spec_for
 
     _, model = pair
     ids, mask, _, _ = text_inputs(6, batch=4)

@@ -44,7 +44,7 @@ def _rewrite(src, dst, rename=None, extra=None, drop=()):
 
 def _logits(model, inputs):
     ids, mask, dids, dmask = inputs
-    return np.asarray(model(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask), jnp.asarray(dmask)))
+    return np.asarray(model(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask), jnp.asarray(dmask)).logits)
 
 
 def test_round_trip_through_transformers(hf_dir, tmp_path):

@@ -54,7 +54,7 @@ def test_packed_rows_equal_separate_examples():
         tgt[0, d0:d0 + len(y)], dseg[0, d0:d0 + len(y)], dpos[0, d0:d0 + len(y)] = y, i, np.arange(len(y))
         dec[0, d0:d0 + len(y)] = np.concatenate([[2], y[:-1]])
         e0, d0 = e0 + len(x), d0 + len(y)
-    forward = nnx.jit(lambda m, *a, **k: m(*a, **k))
+    forward = nnx.jit(lambda m, *a, **k: m(*a, **k).logits)
     packed = np.asarray(forward(model, enc, dec, encoder_segment_ids=eseg, decoder_segment_ids=dseg,
                               encoder_positions=epos, decoder_positions=dpos))
     d0 = 0
@@ -72,7 +72,7 @@ def test_bf16_forward_within_documented_tolerance(tiny):
     model = _perturb(tg.T5Gemma2(tg.preset("tiny", with_vision=False), rngs=nnx.Rngs(2)))
     ids = np.random.default_rng(0).integers(7, 512, (2, 24))
     dids = np.random.default_rng(1).integers(7, 512, (2, 12))
-    ref = np.asarray(model(ids, dids))
+    ref = np.asarray(model(ids, dids).logits)
     bf16 = tg.T5Gemma2(model.config.replace(dtype="bfloat16"), rngs=nnx.Rngs(2))
     nnx.update(bf16, nnx.state(model, nnx.Param))
     out = np.asarray(bf16(ids, dids)).astype(np.float32)
@@ -105,7 +105,7 @@ def test_jit_and_grad(tiny):
     @nnx.jit
     def loss_fn(model, ids, labels):
         def f(m):
-            total, n = cross_entropy(m(ids, shift_right(labels, 2)), labels)
+            total, n = cross_entropy(m(ids, shift_right(labels, 2)).logits, labels)
             return total / n
         return nnx.value_and_grad(f)(model)
 
@@ -124,7 +124,7 @@ def test_remat_policies_do_not_change_gradients():
 
     def grads(config):
         model = tg.T5Gemma2(config, rngs=nnx.Rngs(0))
-        return nnx.jit(nnx.grad(lambda m: cross_entropy(m(ids, shift_right(labels, 2)), labels)[0]))(model)
+        return nnx.jit(nnx.grad(lambda m: cross_entropy(m(ids, shift_right(labels, 2)).logits, labels)[0]))(model)
 
     ref = grads(cfg)
     for remat in ("full", "save_dots", "save_qkv_proj"):
@@ -142,7 +142,7 @@ def test_unscanned_remat_keeps_its_cse_barrier(scan):
     ids = jnp.asarray(np.random.default_rng(0).integers(7, 512, (1, 16)))
     model = tg.T5Gemma2(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    loss = lambda s: nnx.merge(graphdef, s)(ids, ids[:, :8]).sum()  # noqa: E731
+    loss = lambda s: nnx.merge(graphdef, s)(ids, ids[:, :8]).logits.sum()  # noqa: E731
     hlo = jax.jit(jax.grad(loss)).lower(state).as_text()
     # unscanned: one barrier per layer and tower; scanned: the remainder layer of each tower
     assert hlo.count("optimization_barrier") >= (14 if not scan else 2)
@@ -162,9 +162,9 @@ def test_same_logits_under_a_sharded_mesh(tiny):
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     ids = np.random.default_rng(0).integers(7, 512, (4, 16))
     dids = np.random.default_rng(1).integers(7, 512, (4, 8))
-    ref = np.asarray(tiny(ids, dids))
+    ref = np.asarray(tiny(ids, dids).logits)
     with jax.set_mesh(mesh):
-        out = nnx.jit(lambda m, a, b: m(a, b))(tiny, jnp.asarray(ids), jnp.asarray(dids))
+        out = nnx.jit(lambda m, a, b: m(a, b).logits)(tiny, jnp.asarray(ids), jnp.asarray(dids))
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
     assert logical_to_spec(("activation_batch", "activation_length", "activation_vocab"),
                            mesh_axis_names=mesh.axis_names) == jax.P(("data", "fsdp"), None, "tensor")

@@ -33,9 +33,8 @@ def pair(request, tmp_path_factory):
 
 
 def _ours(model, ids, mask, dids, dmask):
-    logits, enc = model(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask), jnp.asarray(dmask),
-                        return_encoder_output=True)
-    return np.asarray(logits), np.asarray(enc)
+    out = model(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask), jnp.asarray(dmask))
+    return np.asarray(out.logits), np.asarray(out.encoder_states)
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -65,7 +64,7 @@ def test_loss_matches(pair):
     labels[0, :2] = -100
     ref = hf_forward(hf, ids, mask, dids, dmask, labels=labels)
     model = tg.load_hf(path, text_only=True)
-    logits = model(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask), jnp.asarray(dmask))
+    logits = model(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask), jnp.asarray(dmask)).logits
     loss = float(masked_lm_loss(logits, jnp.asarray(labels)))
     assert abs(loss - float(ref.loss)) <= 1e-5
 
@@ -81,7 +80,7 @@ def test_left_padding_and_unpadded_batches(pair):
     assert np.abs(logits - ref.logits.numpy()).max() <= TOL
     ids, mask, dids, dmask = text_inputs(5, pad_encoder=False, pad_decoder=False)
     ref = hf_forward(hf, ids, mask, dids, dmask)
-    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(dids)))   # no masks at all
+    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(dids)).logits)   # no masks at all
     assert np.abs(logits - ref.logits.numpy()).max() <= TOL
 
 

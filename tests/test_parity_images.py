@@ -48,8 +48,8 @@ def test_logits_and_image_features_match(pair):
     ids, mask, dids, dmask, pixels = _batch()
     ref = hf_forward(hf, ids, mask, dids, dmask, pixel_values=pixels)
     model = tg.load_hf(path)
-    logits, enc = model(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask), jnp.asarray(dmask),
-                        jnp.asarray(pixels), return_encoder_output=True)
+    out = model(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask), jnp.asarray(dmask), jnp.asarray(pixels))
+    logits, enc = out.logits, out.encoder_states
     assert np.abs(np.asarray(enc) - ref.encoder_last_hidden_state.numpy()).max() <= 1e-4
     assert np.abs(np.asarray(logits) - ref.logits.numpy()).max() <= 1e-4
     import torch
@@ -68,11 +68,11 @@ def test_per_row_image_layout_gives_the_same_logits(pair):
     _, path = pair
     ids, mask, dids, dmask, pixels = _batch(1)
     model = tg.load_hf(path, scan_layers=False)
-    flat = np.asarray(model(ids, dids, mask, dmask, pixels))
+    flat = np.asarray(model(ids, dids, mask, dmask, pixels).logits)
     per_row = np.zeros((3, 2, 3, 16, 16), np.float32)
     per_row[0, 0], per_row[0, 1], per_row[2, 0] = pixels
     image_mask = np.array([[1, 1], [0, 0], [1, 0]], bool)
-    rows = np.asarray(model(ids, dids, mask, dmask, per_row, image_mask=image_mask))
+    rows = np.asarray(model(ids, dids, mask, dmask, per_row, image_mask=image_mask).logits)
     np.testing.assert_allclose(rows, flat, atol=1e-5)
 
 
@@ -99,5 +99,5 @@ def test_round_trip_with_vision_and_legacy_layout(pair, tmp_path):
     rename = lambda k: k.replace("vision_tower.", "vision_tower.vision_model.")  # noqa: E731
     write_safetensors(legacy / "model.safetensors",
                       [(rename(k), st.shape(k), st.get(k).dtype, (lambda k=k: np.array(st.get(k)))) for k in st.keys()])
-    out = np.asarray(tg.load_hf(legacy)(ids, dids, mask, dmask, pixels))
+    out = np.asarray(tg.load_hf(legacy)(ids, dids, mask, dmask, pixels).logits)
     assert np.abs(out - ref).max() <= 1e-4

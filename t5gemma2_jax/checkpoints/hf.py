@@ -22,70 +22,23 @@ import numpy as np
 from flax import nnx
 
 from t5gemma2_jax.checkpoints.hf_config import config_from_hf, config_to_hf
-from t5gemma2_jax.checkpoints.hf_mapping import HFEntry, identity, transpose
+from t5gemma2_jax.checkpoints.hf_mapping import HFEntry
+from t5gemma2_jax.checkpoints.hf_text import EMBEDDING_KEY, EOI_KEY, ENCODER_PREFIX, text_hf_entries
+from t5gemma2_jax.checkpoints.hf_vision import PROJECTOR_PREFIX, VISION_PREFIX, normalize_vision_key, vision_hf_entries
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointDir, CheckpointError, split_shards, write_safetensors
 from t5gemma2_jax.checkpoints.staging import HostStaging, get_path
-from t5gemma2_jax.config import T5Gemma2Config, TextConfig
+from t5gemma2_jax.checkpoints.triage import UNKNOWN, KeyTriage
+from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.model import T5Gemma2
-from t5gemma2_jax.nn.stack import layer_slot, stack_layout
-from t5gemma2_jax.vision.hf import normalize_vision_key
 
 log = logging.getLogger(__name__)
 
-ENCODER_PREFIX = "model.encoder.text_model."
-DECODER_PREFIX = "model.decoder."
-VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
 TIED_KEYS = {
-    "model.decoder.embed_tokens.weight": "model.encoder.text_model.embed_tokens.weight",
-    "model.decoder.embed_tokens.eoi_embedding": "model.encoder.text_model.embed_tokens.eoi_embedding",
-    "lm_head.out_proj.weight": "model.encoder.text_model.embed_tokens.weight",
+    "model.decoder.embed_tokens.weight": EMBEDDING_KEY,
+    "model.decoder.embed_tokens.eoi_embedding": EOI_KEY,
+    "lm_head.out_proj.weight": EMBEDDING_KEY,
 }
 _FLAT_ENCODER = re.compile(r"^model\.encoder\.(embed_tokens|layers|norm)\.")
-
-
-def _heads_in(D: int, N: int, d: int):
-    return lambda w: w.T.reshape(D, N, d)            # [N*d, D] -> [D, N, d]
-
-
-def _heads_out(D: int, N: int, d: int):
-    return lambda x: x.reshape(D, N * d).T           # [D, N, d] -> [N*d, D]
-
-
-def _layer_entries(c: TextConfig, hf_prefix: str, path: tuple, index: int | None) -> list[HFEntry]:
-    D, H, K, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    o_in = lambda w: w.T.reshape(H, d, D)             # noqa: E731  [D, H*d] -> [H, d, D]
-    o_out = lambda x: x.reshape(H * d, D).T           # noqa: E731
-    table = [
-        ("self_attn.q_proj.weight", ("attn", "q"), _heads_in(D, H, d), _heads_out(D, H, d)),
-        ("self_attn.k_proj.weight", ("attn", "k"), _heads_in(D, K, d), _heads_out(D, K, d)),
-        ("self_attn.v_proj.weight", ("attn", "v"), _heads_in(D, K, d), _heads_out(D, K, d)),
-        ("self_attn.o_proj.weight", ("attn", "o"), o_in, o_out),
-        ("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), identity, identity),
-        ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), identity, identity),
-        ("pre_self_attn_layernorm.weight", ("pre_attn_norm", "scale"), identity, identity),
-        ("post_self_attn_layernorm.weight", ("post_attn_norm", "scale"), identity, identity),
-        ("pre_feedforward_layernorm.weight", ("pre_ffw_norm", "scale"), identity, identity),
-        ("post_feedforward_layernorm.weight", ("post_ffw_norm", "scale"), identity, identity),
-        ("mlp.gate_proj.weight", ("mlp", "gate"), transpose, transpose),
-        ("mlp.up_proj.weight", ("mlp", "up"), transpose, transpose),
-        ("mlp.down_proj.weight", ("mlp", "down"), transpose, transpose),
-    ]
-    return [HFEntry(hf_prefix + key, path + sub, index, a, b) for key, sub, a, b in table]
-
-
-def text_hf_entries(cfg: T5Gemma2Config) -> list[HFEntry]:
-    """Every text parameter of a model built from `cfg`, with its canonical HF key."""
-    entries = [
-        HFEntry(ENCODER_PREFIX + "embed_tokens.weight", ("embedder", "table")),
-        HFEntry(ENCODER_PREFIX + "embed_tokens.eoi_embedding", ("embedder", "eoi")),
-    ]
-    for tower, tc, prefix in (("encoder", cfg.encoder, ENCODER_PREFIX), ("decoder", cfg.decoder, DECODER_PREFIX)):
-        entries.append(HFEntry(prefix + "norm.weight", (tower, "norm", "scale")))
-        period, num_blocks = stack_layout(tc.layer_types, cfg.scan_layers)
-        for i in range(tc.num_layers):
-            slot, index = layer_slot(period, num_blocks, i)
-            entries += _layer_entries(tc, f"{prefix}layers.{i}.", (tower, "stack") + slot, index)
-    return entries
 
 
 def hf_entries(cfg: T5Gemma2Config) -> list[HFEntry]:
@@ -96,7 +49,6 @@ def hf_entries(cfg: T5Gemma2Config) -> list[HFEntry]:
             f"embeddings={cfg.embeddings!r}: save it with the trainer's Orbax export instead")
     entries = text_hf_entries(cfg)
     if cfg.with_vision:
-        from t5gemma2_jax.vision import vision_hf_entries
         entries += [e.prefixed("vision") for e in vision_hf_entries(cfg)]
     return entries
 
@@ -104,7 +56,7 @@ def hf_entries(cfg: T5Gemma2Config) -> list[HFEntry]:
 def canonical_key(key: str) -> str:
     """Map the Hub's flat encoder keys and the vision_model segment onto transformers' current names."""
     if _FLAT_ENCODER.match(key):
-        return "model.encoder.text_model." + key[len("model.encoder."):]
+        return ENCODER_PREFIX + key[len("model.encoder."):]
     return normalize_vision_key(key)
 
 
@@ -116,7 +68,7 @@ def hub_key(canonical: str) -> str:
 
 
 def _is_vision(key: str) -> bool:
-    return key.startswith(VISION_PREFIXES)
+    return key.startswith((VISION_PREFIX, PROJECTOR_PREFIX))
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
@@ -135,52 +87,36 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
 
     `dtype` is the compute dtype and, unless `param_dtype` is given, the parameter dtype.
     `text_only=True` skips the vision tower and projector (by key name) and builds no vision module.
-    `config_overrides` set runtime fields of the config (e.g. `scan_layers=False`, `remat='full'`).
+    `config_overrides` set runtime fields of the config (`config.RUNTIME_FIELDS`, e.g.
+    `scan_layers=False`, `remat='full'`).
     """
     ckpt = CheckpointDir(path)
-    dtype_name = jnp.dtype(dtype).name
-    cfg = config_from_hf(read_hf_config(path), dtype=dtype_name,
+    cfg = config_from_hf(read_hf_config(path), dtype=jnp.dtype(dtype).name,
                          param_dtype=jnp.dtype(param_dtype or dtype).name,
                          with_vision=not text_only, **config_overrides)
-    abstract = nnx.eval_shape(lambda: T5Gemma2(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(abstract_state)
-
+    staging = HostStaging(cfg)
     entries = {e.hf_key: e for e in hf_entries(cfg)}
     keys = {}
     for key in ckpt.keys():
         keys.setdefault(canonical_key(key), key)
 
-    unknown, mismatched, skipped_vision, tied = [], [], [], []
-    staging = HostStaging(pure)
+    triage, skipped_vision, tied = KeyTriage(), [], []
     for canon, raw_key in keys.items():
         if canon in TIED_KEYS:
             tied.append((canon, raw_key))
             continue
         if canon not in entries:
-            if _is_vision(canon) and (text_only or canon.startswith("model.encoder.vision_tower.head.")):
+            if _is_vision(canon) and (text_only or canon.startswith(VISION_PREFIX + "head.")):
                 skipped_vision.append(raw_key)
             else:
-                unknown.append(raw_key)
+                triage.add(UNKNOWN, raw_key)
             continue
         entry = entries[canon]
-        target = staging.target_shape(entry)
         value = entry.to_ours(ckpt.get(raw_key))
-        if tuple(value.shape) != target:
-            mismatched.append(f"{raw_key}: checkpoint {ckpt.shape(raw_key)} -> {tuple(value.shape)}, "
-                              f"model expects {target}")
-            continue
-        staging.put(entry, value)
-    missing = [k for k in entries if k not in keys]
-    problems = []
-    if unknown:
-        problems.append(f"unknown keys ({len(unknown)}): {sorted(unknown)}")
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {sorted(missing)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
-    if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match the model config:\n  " + "\n  ".join(problems))
+        if triage.check_shape(raw_key, ckpt.shape(raw_key), value.shape, staging.target_shape(entry)):
+            staging.put(entry, value)
+    triage.extend("missing keys", (k for k in entries if k not in keys))
+    triage.raise_if_any(f"{path}: checkpoint does not match the model config")
     for canon, raw_key in tied:
         source = TIED_KEYS[canon]
         if not np.array_equal(ckpt.get(raw_key), ckpt.get(keys[source])):
@@ -188,9 +124,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
                                   "this implementation has a single shared table")
     if skipped_vision:
         log.warning("load_hf: text_only=True, skipped %d vision tower/projector tensors", len(skipped_vision))
-    staging.to_device()
-    nnx.replace_by_pure_dict(abstract_state, pure)
-    return nnx.merge(graphdef, abstract_state)
+    return staging.model()
 
 
 def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30) -> None:

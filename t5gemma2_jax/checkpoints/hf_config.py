@@ -82,7 +82,11 @@ def text_config_from_hf(d: dict, where: str) -> TextConfig:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def vision_config_from_hf(d: dict, where: str) -> VisionConfig:
+def vision_config_from_hf(d: dict, where: str = "vision_config") -> VisionConfig:
+    """Our `VisionConfig` from an HF `vision_config` dict (SiglipVisionConfig.to_dict() / config.json).
+
+    HF defaults apply to missing fields (SiglipVisionConfig's defaults, not So400m's). A MAP head
+    (`vision_use_head: true`) is accepted and ignored: T5Gemma 2 never uses it."""
     g = lambda k: d.get(k, _VISION_DEFAULTS[k])  # noqa: E731
     act = d.get("hidden_act", "gelu_pytorch_tanh")
     if act not in _GELU_TANH:
@@ -94,6 +98,16 @@ def vision_config_from_hf(d: dict, where: str) -> VisionConfig:
                             layer_norm_eps=float(g("layer_norm_eps")))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def vision_config_to_hf(v: VisionConfig) -> dict:
+    """The HF `vision_config` dict for our `VisionConfig` (no MAP head)."""
+    return {
+        "model_type": "siglip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+        "num_channels": v.num_channels, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False, "attention_dropout": 0.0,
+    }
 
 
 def config_from_hf(d: dict, **overrides) -> T5Gemma2Config:
@@ -119,14 +133,15 @@ def config_from_hf(d: dict, **overrides) -> T5Gemma2Config:
         boi_token_id=int(enc.get("boi_token_index", 255_999)),
         eoi_token_id=int(d.get("eoi_token_index", enc.get("eoi_token_index", 256_000))),
         pad_token_id=int(dec.get("pad_token_id", d.get("pad_token_id", 0)) or 0),
-        eos_token_id=_first(dec.get("eos_token_id", d.get("eos_token_id", 1))),
+        eos_token_id=first_id(dec.get("eos_token_id", d.get("eos_token_id", 1))),
         bos_token_id=int(dec.get("bos_token_id", d.get("bos_token_id", 2))),
     )
     kw.update(overrides)
     return T5Gemma2Config(**kw)
 
 
-def _first(x) -> int:
+def first_id(x) -> int:
+    """A token id that config.json may give as a list (several eos ids): the first."""
     return int(x[0]) if isinstance(x, (list, tuple)) else int(x)
 
 
@@ -155,7 +170,6 @@ def _text_to_hf(c: TextConfig, cfg: T5Gemma2Config, model_type: str) -> dict:
 
 
 def config_to_hf(cfg: T5Gemma2Config, dtype: str) -> dict:
-    v = cfg.vision
     return {
         "architectures": ["T5Gemma2ForConditionalGeneration"],
         "model_type": "t5gemma2",
@@ -165,13 +179,7 @@ def config_to_hf(cfg: T5Gemma2Config, dtype: str) -> dict:
         "encoder": {
             "model_type": "t5gemma2_encoder",
             "text_config": _text_to_hf(cfg.encoder, cfg, "t5gemma2_text"),
-            "vision_config": {
-                "model_type": "siglip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
-                "num_channels": v.num_channels, "hidden_size": v.hidden_size,
-                "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
-                "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
-                "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False, "attention_dropout": 0.0,
-            },
+            "vision_config": vision_config_to_hf(cfg.vision),
             "mm_tokens_per_image": cfg.mm_tokens_per_image, "boi_token_index": cfg.boi_token_id,
             "eoi_token_index": cfg.eoi_token_id, "image_token_index": cfg.image_token_id,
         },

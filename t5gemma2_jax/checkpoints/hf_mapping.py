@@ -39,3 +39,18 @@ class HFEntry:
 
     def prefixed(self, *prefix) -> "HFEntry":
         return HFEntry(self.hf_key, tuple(prefix) + self.path, self.index, self.to_ours, self.to_hf)
+
+
+def heads_in(N: int, d: int) -> tuple[Transform, Transform]:
+    """A linear layer's `[N*d, D]` weight (out, in) <-> our input-major kernel `[D, N, d]`."""
+    return (lambda w: w.T.reshape(w.shape[1], N, d)), (lambda k: k.reshape(k.shape[0], N * d).T)
+
+
+def heads_out(N: int, d: int) -> tuple[Transform, Transform]:
+    """A linear layer's `[D, N*d]` weight (out, in) <-> our kernel `[N, d, D]`."""
+    return (lambda w: w.T.reshape(N, d, w.shape[0])), (lambda k: k.reshape(N * d, k.shape[-1]).T)
+
+
+def heads_bias(N: int, d: int) -> tuple[Transform, Transform]:
+    """A bias `[N*d]` <-> `[N, d]`."""
+    return (lambda b: b.reshape(N, d)), (lambda b: b.reshape(N * d))

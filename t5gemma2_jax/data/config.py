@@ -1,8 +1,9 @@
 """`DataConfig`: every knob of the data pipeline, frozen and validated.
 
 The trainer sets fields from dotted command-line overrides (`data.encoder_length=512`), so every
-field has a simple type, and `with_overrides` turns the strings of a command line into those
-types. Validation errors name the field (`data.decoder_length: ...`).
+field has a simple type; `with_overrides` reads command-line strings into those types through the
+config engine (`t5gemma2_jax.configlib`). Validation errors are `ConfigError`s naming the field
+(`data.decoder_length: ...`).
 
 UL2 denoisers are given as a tuple of `DenoiserSpec`, or on a command line as one compact
 string (see `parse_denoisers`):
@@ -15,10 +16,12 @@ string (see `parse_denoisers`):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
+
+from t5gemma2_jax import configlib
+from t5gemma2_jax.configlib import ConfigError
 
 KINDS = ("pretrain", "sft")
 DENOISER_KINDS = ("span", "prefix")
@@ -29,8 +32,8 @@ SFT_TRUNCATION = ("drop_turns", "skip")
 UNKNOWN_FIELD_POLICIES = ("skip", "ignore")
 
 
-class DataConfigError(ValueError):
-    """A data configuration value is invalid. The message names the field."""
+# The data layer's name for the one config error type.
+DataConfigError = ConfigError
 
 
 @dataclass(frozen=True)
@@ -240,55 +243,14 @@ class DataConfig:
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "DataConfig":
         """A copy with `{"data.encoder_length": "512", ...}` applied (the `data.` prefix is
-        optional); string values are converted to the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        changes: dict[str, Any] = {}
-        for key, value in overrides.items():
-            name = key[len("data."):] if key.startswith("data.") else key
-            if name not in fields:
-                raise DataConfigError(f"data.{name}: unknown field; known: {sorted(fields)}")
-            changes[name] = _coerce(name, getattr(self, name), fields[name].type, value)
-        return dataclasses.replace(self, **changes)
+        optional); string values are read like command-line values."""
+        return configlib.with_overrides(self, overrides, "data")
 
 
 def _require_int(cfg: DataConfig, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise DataConfigError(f"data.{name}: must be an integer >= {minimum}, got {value!r}")
+    configlib.require_int(cfg, "data", name, minimum=minimum)
 
 
 def _require_choice(cfg: DataConfig, name: str, choices: Sequence[str]) -> None:
     value = getattr(cfg, name)
-    if value not in choices:
-        raise DataConfigError(f"data.{name}: must be one of {tuple(choices)}, got {value!r}")
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def _coerce(name: str, current: Any, annotation: Any, value: Any) -> Any:
-    """Converts a command-line string to the type of field `name`."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    annotation = str(annotation)
-    if "None" in annotation and text.lower() in ("none", "null", ""):
-        return None
-    if annotation.startswith("bool"):
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
-        raise DataConfigError(f"data.{name}: expected a bool, got {value!r}")
-    if annotation.startswith("int"):
-        try:
-            return int(text)
-        except ValueError:
-            raise DataConfigError(f"data.{name}: expected an integer, got {value!r}") from None
-    if annotation.startswith("float"):
-        try:
-            return float(text)
-        except ValueError:
-            raise DataConfigError(f"data.{name}: expected a number, got {value!r}") from None
-    return text  # strings, and the compact forms of ul2_denoisers / tokenizer_overrides
+    configlib.require(value in choices, f"data.{name}", f"must be one of {tuple(choices)}, got {value!r}")

@@ -39,6 +39,18 @@ IMAGE_KEYS = ("pixel_values", "image_mask")
 COUNTS_KEY = "_counts"  # removed by DataPipeline; summed into its stats
 
 
+def batch_shapes(rows: int, *, encoder_length: int, decoder_length: int, max_images: int,
+                 image_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array of a batch of `rows` rows, as `stack_rows` gives it."""
+    i32 = np.dtype(np.int32)
+    out = {k: ((rows, encoder_length if k.startswith("encoder") else decoder_length),
+               np.dtype(np.float32) if k == "decoder_loss_weights" else i32) for k in BATCH_KEYS}
+    if max_images > 0:
+        out["pixel_values"] = ((rows, max_images, 3, image_size, image_size), np.dtype(np.float32))
+        out["image_mask"] = ((rows, max_images), np.dtype(bool))
+    return out
+
+
 def build_row(examples: Sequence[Example], *, encoder_length: int, decoder_length: int,
               max_images: int, image_size: int, bos: int, counts: np.ndarray | None = None,
               compact_images: bool = False) -> dict[str, np.ndarray]:

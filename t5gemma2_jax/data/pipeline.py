@@ -28,7 +28,8 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from t5gemma2_jax.data import counters
+from t5gemma2_jax.configlib import ConfigError
+from t5gemma2_jax.data import counters, packing
 from t5gemma2_jax.data.config import DataConfig
 from t5gemma2_jax.data.packing import (BATCH_KEYS, COUNTS_KEY, IMAGE_KEYS, PackIterDataset,
                                        stack_rows)
@@ -60,6 +61,13 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
 
 def batch_keys(cfg: DataConfig) -> tuple[str, ...]:
     return BATCH_KEYS + (IMAGE_KEYS if cfg.images_enabled else ())
+
+
+def batch_shapes(cfg: DataConfig, rows: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each array of this config's batches (`rows` default: the global batch)."""
+    return packing.batch_shapes(cfg.batch_size if rows is None else rows, encoder_length=cfg.encoder_length,
+                                decoder_length=cfg.decoder_length, max_images=cfg.max_images_per_row,
+                                image_size=cfg.image_size)
 
 
 def _seed(*parts: int) -> int:
@@ -206,16 +214,8 @@ class DataPipeline(Iterator[dict[str, np.ndarray]]):
     def empty_batch(self) -> dict[str, np.ndarray]:
         """An all-padding batch of this pipeline's shapes (zero loss weight): lets hosts whose
         finite eval shard ran out keep stepping in lockstep with the others."""
-        cfg = self.cfg
-        B, S, T, M = (self._batch_size, cfg.encoder_length, cfg.decoder_length,
-                      cfg.max_images_per_row)
-        batch = {k: np.zeros((B, S if k.startswith("encoder") else T),
-                             np.float32 if k == "decoder_loss_weights" else np.int32)
-                 for k in BATCH_KEYS}
-        if cfg.images_enabled:
-            batch["pixel_values"] = np.zeros((B, M, 3, cfg.image_size, cfg.image_size), np.float32)
-            batch["image_mask"] = np.zeros((B, M), bool)
-        return batch
+        shapes = batch_shapes(self.cfg, self._batch_size)
+        return {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable; save it with the training checkpoint (e.g. orbax JsonSave)."""
@@ -260,19 +260,19 @@ class DataPipeline(Iterator[dict[str, np.ndarray]]):
 
 
 def check_model_compatible(tokenizer: Tokenizer, model_config: Any, cfg: DataConfig) -> None:
-    """Raises DataConfigError when the tokenizer or data shapes disagree with a model config
-    (a `t5gemma2_jax.config.T5Gemma2Config`, read by attribute name)."""
-    from t5gemma2_jax.data.config import DataConfigError
-
+    """Raises ConfigError when the tokenizer or data shapes disagree with a model config (a
+    `t5gemma2_jax.config.T5Gemma2Config`, read by attribute name: the data layer does not import it)."""
     s = tokenizer.special
     problems = []
     vocab = getattr(model_config, "vocab_size", None)
     if vocab is not None and tokenizer.vocab_size > vocab:
         problems.append(f"data.tokenizer: {tokenizer.vocab_size} pieces > model vocab_size {vocab}")
-    for role, attr in (("boi", "boi_token_id"), ("eoi", "eoi_token_id"),
-                       ("image", "image_token_id")):
+    roles = [("pad", "pad_token_id"), ("eos", "eos_token_id"), ("bos", "bos_token_id")]
+    if cfg.images_enabled:
+        roles += [("boi", "boi_token_id"), ("eoi", "eoi_token_id"), ("image", "image_token_id")]
+    for role, attr in roles:
         want = getattr(model_config, attr, None)
-        if cfg.images_enabled and want is not None and getattr(s, role) != want:
+        if want is not None and getattr(s, role) != want:
             problems.append(f"data.tokenizer: {role} id {getattr(s, role)} != model {attr} {want} "
                             f"(data.tokenizer_overrides='{role}={want}' if the file lacks it)")
     if cfg.images_enabled:
@@ -283,7 +283,7 @@ def check_model_compatible(tokenizer: Tokenizer, model_config: Any, cfg: DataCon
         if vision is not None and vision.image_size != cfg.image_size:
             problems.append(f"data.image_size: {cfg.image_size} != model {vision.image_size}")
     if problems:
-        raise DataConfigError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def make_pipeline(cfg: DataConfig, split: str = "train", process_index: int = 0,

@@ -21,7 +21,7 @@ import numpy as np
 from t5gemma2_jax.data import counters
 from t5gemma2_jax.data.counters import make_skip
 from t5gemma2_jax.data.elements import Conversation, Document, Turn
-from t5gemma2_jax.data.images import ImageError, concat, load_image
+from t5gemma2_jax.data.images import ImageError, concat, load_pixels
 from t5gemma2_jax.data.sft import ChatTemplate
 from t5gemma2_jax.data.sources import RawRecord
 from t5gemma2_jax.data.tokenizer import IMAGE_MARKER, Tokenizer
@@ -179,7 +179,7 @@ class ParseRecord(grain.transforms.MapWithIndex):
         if len(refs) > self.max_images > 0:
             raise BadRecord("too_many_images",
                             f"{len(refs)} images > data.max_images_per_row={self.max_images}")
-        pixels = [load_image(ref, base_dir, self.image_size, compact_ok=True) for ref in refs]
+        pixels = [load_pixels(ref, base_dir, self.image_size, compact_ok=True) for ref in refs]
         return concat([p[None] for p in pixels], self.image_size)
 
 

@@ -22,6 +22,9 @@ Sentinels are the UL2/T5 span markers: the `<unusedN>` pieces in ascending N tha
 took, the first `num_sentinels` of them. With a real Gemma 3 vocabulary and the default 96 they
 are `<unused3>`..`<unused98>` = ids 9..104 (modes take `<unused0..2>` = 6, 7, 8); asking for more
 continues into Gemma 3's high `<unused99>`.. range, always excluding ids used by another role.
+
+`expand_image_tokens` is the same image expansion for inference prompts, on text (the string
+`Gemma3Processor.full_image_sequence` builds, which is what matches HF exactly) or on ids.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ PIECE_NAMES = {
 }
 MODE_NAMES = ("[NLU]", "[NLG]", "[S2S]")
 IMAGE_MARKER = "<start_of_image>"  # in text: where an image goes
+BOI_TOKEN = "<start_of_image>"
+EOI_TOKEN = "<end_of_image>"
+IMAGE_TOKEN = "<image_soft_token>"
 _UNUSED = re.compile(r"^<unused(\d+)>$")
 
 
@@ -168,3 +174,40 @@ class Tokenizer:
         return np.concatenate([
             self._double_newline, [s.boi], np.full(mm_tokens_per_image, s.image, np.int32),
             [s.eoi], self._double_newline]).astype(np.int32)
+
+
+def image_token_sequence(mm_tokens_per_image: int = 256) -> str:
+    """The text that replaces one `<start_of_image>` (Gemma3Processor.full_image_sequence)."""
+    return f"\n\n{BOI_TOKEN}{IMAGE_TOKEN * mm_tokens_per_image}{EOI_TOKEN}\n\n"
+
+
+def expand_image_tokens(
+    prompt: str | Sequence[int],
+    mm_tokens_per_image: int = 256,
+    *,
+    boi_id: int | None = None,
+    eoi_id: int | None = None,
+    image_token_id: int | None = None,
+    newline_ids: Sequence[int] = (),
+) -> str | list[int]:
+    """Expand every `<start_of_image>` of a prompt into the full image placeholder sequence.
+
+    - `prompt: str` (the exact Hugging Face behaviour): each `<start_of_image>` becomes
+      `image_token_sequence(mm_tokens_per_image)`; tokenise the result afterwards.
+    - `prompt: Sequence[int]` (already tokenised): each `boi_id` becomes
+      `[*newline_ids, boi_id, image_token_id * n, eoi_id, *newline_ids]`. Pass the ids your
+      tokenizer gives for "\\n\\n" as `newline_ids`; tokenising the expanded text can merge those
+      newlines with neighbouring whitespace, so the text path is the one that matches HF exactly.
+    """
+    if isinstance(prompt, str):
+        return prompt.replace(BOI_TOKEN, image_token_sequence(mm_tokens_per_image))
+    if boi_id is None or eoi_id is None or image_token_id is None:
+        raise ValueError("expand_image_tokens on token ids needs boi_id, eoi_id and image_token_id")
+    out: list[int] = []
+    block = [*newline_ids, boi_id, *([image_token_id] * mm_tokens_per_image), eoi_id, *newline_ids]
+    for t in prompt:
+        if int(t) == boi_id:
+            out.extend(block)
+        else:
+            out.append(int(t))
+    return out

@@ -15,7 +15,7 @@ def score(model, input_ids, targets, attention_mask=None, target_mask=None, pixe
     Targets should end with eos when the score is meant to include stopping."""
     targets = jnp.asarray(targets, jnp.int32)
     dec_in = shift_right(targets, model.config.bos_token_id, model.config.pad_token_id)
-    logits = model(input_ids, dec_in, attention_mask, target_mask, pixel_values, image_mask=image_mask)
+    logits = model(input_ids, dec_in, attention_mask, target_mask, pixel_values, image_mask=image_mask).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     if target_mask is not None:

@@ -13,7 +13,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import TextConfig
-from t5gemma2_jax.nn.attention_ops import MaskInfo, attend
+from t5gemma2_jax.nn.backends import attend
+from t5gemma2_jax.nn.masks import MaskInfo
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.nn.rope import apply_rope
 from t5gemma2_jax.sharding import constrain

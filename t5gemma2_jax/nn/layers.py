@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import TextConfig
 from t5gemma2_jax.nn.attention import Attention
-from t5gemma2_jax.nn.attention_ops import MaskInfo
+from t5gemma2_jax.nn.masks import MaskInfo
 from t5gemma2_jax.nn.mlp import MLP
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.sharding import constrain

@@ -14,52 +14,12 @@ Parameter layout (what checkpoints see):
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from t5gemma2_jax.config import TextConfig
+from t5gemma2_jax.nn import scan as scan_lib
 from t5gemma2_jax.nn.layers import Layer, LayerContext
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj"),
-    "save_out_proj": jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj", "out_proj"),
-}
-
-
-def layer_period(layer_types: tuple[str, ...]) -> int:
-    """Smallest p such that the layer types repeat with period p (p == L if they never do)."""
-    L = len(layer_types)
-    for p in range(1, L + 1):
-        if all(layer_types[i] == layer_types[i % p] for i in range(L)):
-            return p
-    return L
-
-
-def stack_layout(layer_types: tuple[str, ...], scan: bool) -> tuple[int, int]:
-    """(period, number of scanned blocks) of a stack."""
-    period = layer_period(layer_types)
-    return period, (len(layer_types) // period if scan else 0)
-
-
-def layer_slot(period: int, num_blocks: int, i: int) -> tuple[tuple, int | None]:
-    """Where layer `i` lives: (path relative to the stack, index on the 'layers' axis or None)."""
-    first = num_blocks * period
-    if i < first:
-        return ("blocks", "layers", i % period), i // period
-    return ("layers", i - first), None
-
-
-def maybe_remat(fn, remat: str, in_scan: bool):
-    if remat == "none":
-        return fn
-    # Outside a scan, XLA would merge the backward pass's recomputation with the forward pass
-    # (common-subexpression elimination) and keep every activation alive: remat would do nothing.
-    # A scan body cannot be merged that way, so there the barrier is left out.
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
+from t5gemma2_jax.nn.scan import layer_slot, stack_layout
 
 
 class Block(nnx.Module):
@@ -82,12 +42,6 @@ class Block(nnx.Module):
         return x, out
 
 
-def _add_layers_axis(module: nnx.Module) -> None:
-    for _, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Variable) and "logical_axes" in var.get_metadata():
-            var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
-
-
 class LayerStack(nnx.Module):
     def __init__(self, cfg: TextConfig, *, scan: bool, remat: str, param_dtype, dtype,
                  backend: str, block_size: int = 512, cross: dict | None = None, encoder_dim: int | None = None,
@@ -101,14 +55,8 @@ class LayerStack(nnx.Module):
         self.remat = remat
         if self.num_blocks > 0:
             period_types = types[: self.period]
-
-            @nnx.split_rngs(splits=self.num_blocks)
-            @nnx.vmap(in_axes=0, out_axes=0)
-            def make_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, period_types, cross, rngs=rngs, **layer_kw)
-
-            self.blocks = make_blocks(rngs)
-            _add_layers_axis(self.blocks)
+            self.blocks = scan_lib.stacked(lambda r: Block(cfg, period_types, cross, rngs=r, **layer_kw),
+                                           self.num_blocks, rngs)
         else:
             self.blocks = None
         first = self.num_blocks * self.period
@@ -120,15 +68,10 @@ class LayerStack(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: LayerContext) -> jax.Array:
         if self.blocks is not None:
-            graphdef, stacked = nnx.split(self.blocks)
-
-            def body(h, block_state):
-                return nnx.merge(graphdef, block_state)(h, ctx), None
-
-            x, _ = jax.lax.scan(maybe_remat(body, self.remat, in_scan=True), x, stacked)
+            x, _ = scan_lib.scan(self.blocks, lambda block, h, _: (block(h, ctx), None), x,
+                                 remat_name=self.remat)
         for layer in self.layers:
-            graphdef, state = nnx.split(layer)
-            x = maybe_remat(lambda h, s, g=graphdef: nnx.merge(g, s)(h, ctx), self.remat, in_scan=False)(x, state)
+            x = scan_lib.call(layer, lambda m, h: m(h, ctx), x, remat_name=self.remat)
         return x
 
     # ---- cached decoding -------------------------------------------------------------------
@@ -141,24 +84,15 @@ class LayerStack(nnx.Module):
 
         out = {"blocks": [], "layers": [cache(layer) for layer in self.layers]}
         if self.blocks is not None:
-            graphdef, stacked = nnx.split(self.blocks)
-
-            def body(_, block_state):
-                return None, [cache(layer) for layer in nnx.merge(graphdef, block_state).layers]
-
-            _, out["blocks"] = jax.lax.scan(body, None, stacked)
+            _, out["blocks"] = scan_lib.scan(self.blocks, lambda block, c, _: (c, [cache(m) for m in block.layers]),
+                                             None)
         return out
 
     def decode_step(self, x: jax.Array, ctx: LayerContext, cache: dict) -> tuple[jax.Array, dict]:
         new = {"blocks": cache["blocks"], "layers": []}
         if self.blocks is not None:
-            graphdef, stacked = nnx.split(self.blocks)
-
-            def body(h, xs):
-                block_state, block_cache = xs
-                return nnx.merge(graphdef, block_state).decode_step(h, ctx, block_cache)
-
-            x, new["blocks"] = jax.lax.scan(body, x, (stacked, cache["blocks"]))
+            x, new["blocks"] = scan_lib.scan(self.blocks, lambda block, h, c: block.decode_step(h, ctx, c), x,
+                                             cache["blocks"])
         for layer, c in zip(self.layers, cache["layers"]):
             x, c = layer.decode_step(x, ctx, c)
             new["layers"].append(c)

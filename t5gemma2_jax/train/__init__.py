@@ -4,13 +4,16 @@
     cfg = load_config("configs/tiny.yaml", ["train.steps=200"])
     summary = train(cfg, "/tmp/run")          # resumes automatically from /tmp/run/checkpoints
 
+    trainer = Trainer.build(cfg)              # the same wiring without a loop (AOT, benchmarks)
+
 Command line: `python scripts/train.py --config configs/tiny.yaml --workdir DIR [key=value ...]`.
 """
 
-from t5gemma2_jax.train.checkpoint import Checkpointer, export_params, load_export
+from t5gemma2_jax.checkpoints.export import load_export, save_export
+from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.config import (ExperimentConfig, MeshConfig, ModelSpec, OptimConfig, TrainConfig,
                                        load_config)
-from t5gemma2_jax.train.flops import StepFlops, peak_flops_per_device, step_flops
+from t5gemma2_jax.train.flops import StepFlops, compiled_flops, compiled_memory, peak_flops_per_device, step_flops
 from t5gemma2_jax.train.loop import evaluate, train
 from t5gemma2_jax.train.mesh import (SetupError, global_batch, make_mesh, maybe_initialize_distributed,
                                      sharding_rules)
@@ -18,11 +21,12 @@ from t5gemma2_jax.train.metrics import read_metrics
 from t5gemma2_jax.train.setup import prepare
 from t5gemma2_jax.train.state import ModelDef, abstract_state, init_state, make_optimizer
 from t5gemma2_jax.train.step import CompiledSteps, loss_and_grads, make_eval_step, make_train_step
+from t5gemma2_jax.train.trainer import Trainer
 
 __all__ = [
     "Checkpointer", "CompiledSteps", "ExperimentConfig", "MeshConfig", "ModelDef", "ModelSpec",
-    "OptimConfig", "SetupError", "StepFlops", "TrainConfig", "abstract_state", "evaluate",
-    "export_params", "global_batch", "init_state", "load_config", "load_export", "loss_and_grads",
+    "OptimConfig", "SetupError", "StepFlops", "TrainConfig", "Trainer", "abstract_state", "compiled_flops",
+    "compiled_memory", "evaluate", "global_batch", "init_state", "load_config", "load_export", "loss_and_grads",
     "make_eval_step", "make_mesh", "make_optimizer", "make_train_step", "maybe_initialize_distributed",
-    "peak_flops_per_device", "prepare", "read_metrics", "sharding_rules", "step_flops", "train",
+    "peak_flops_per_device", "prepare", "read_metrics", "save_export", "sharding_rules", "step_flops", "train",
 ]

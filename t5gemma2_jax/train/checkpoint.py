@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the training state, resumable onto any mesh, plus params-only exports.
+"""Orbax checkpoints of a training run's state, resumable onto any mesh.
 
 A checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
   state  the TrainState pytree (params, frozen params, optimizer state, step, RNG), sharded arrays
@@ -12,8 +12,8 @@ that a restart would resume from (the leftover temporary directory is removed on
 Restoring reads every array straight into the shardings of the target mesh, which may differ from
 the mesh it was written on.
 
-An export `DIR/` (`export_params`) holds `model_config.json` and `params/` (all parameters as one
-flat dict, Orbax); `load_export(DIR)` gives a `T5Gemma2` that `save_hf` writes for transformers.
+The params export a run writes at its end (`WORKDIR/export`) is a checkpoint format of the model,
+not of the run: `t5gemma2_jax.checkpoints.export`.
 """
 
 from __future__ import annotations
@@ -25,18 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import Mesh, NamedSharding
-
-from t5gemma2_jax.config import T5Gemma2Config
-from t5gemma2_jax.model import T5Gemma2
 
 log = logging.getLogger(__name__)
-
-EXPORT_CONFIG = "model_config.json"
-EXPORT_PARAMS = "params"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,9 +110,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def should_save(self, step: int) -> bool:
-        return self.manager.should_save(step)
-
     def save(self, step: int, state, data_state: Any, meta: dict, *, metrics: dict | None = None,
              force: bool = False) -> bool:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ProcessJsonSave(data_state),
@@ -148,74 +137,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Params-only export.
-
-
-def export_params(directory: str | Path, config: T5Gemma2Config, params: dict, frozen: dict) -> Path:
-    """Write all parameters (trainable + frozen, flat names) and the model config to `directory`."""
-    directory = Path(directory).absolute()
-    if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / EXPORT_CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
-    path = directory / EXPORT_PARAMS
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, {**params, **frozen}, force=True)
-        ckptr.wait_until_finished()
-    return directory
-
-
-def read_export_config(directory: str | Path) -> T5Gemma2Config:
-    d = json.loads((Path(directory) / EXPORT_CONFIG).read_text())
-    return T5Gemma2Config.from_dict(d)
-
-
-def load_export_arrays(directory: str | Path, shapes: dict[str, jax.ShapeDtypeStruct],
-                       shardings: dict[str, Any] | None = None) -> dict[str, jax.Array]:
-    """The exported arrays named in `shapes`, placed with `shardings` (default: first device)."""
-    if shardings is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = {n: dev for n in shapes}
-    target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n]) for n, s in shapes.items()}
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(Path(directory).absolute() / EXPORT_PARAMS)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        have = set(tree.keys()) if isinstance(tree, dict) else set(shapes)
-        missing = sorted(set(shapes) - have)
-        if missing:
-            raise ValueError(f"{directory}: export lacks parameters {missing[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}")
-        extra = {n: None for n in have - set(shapes)}
-        # Restore only what is asked for: unneeded entries (e.g. a vision tower) stay on disk.
-        restored = ckptr.restore(Path(directory).absolute() / EXPORT_PARAMS,
-                                 {**target, **{n: ocp.PLACEHOLDER for n in extra}} if extra else target)
-    return {n: restored[n] for n in shapes}
-
-
-def load_export(directory: str | Path, *, mesh: Mesh | None = None, rules=None, **overrides) -> T5Gemma2:
-    """A `T5Gemma2` from an export; `overrides` set runtime config fields (dtype, remat, ...).
-
-    With a `mesh` the parameters are sharded by the logical-axis rules; otherwise they go to the
-    first local device."""
-    from t5gemma2_jax.train.state import ModelDef
-
-    cfg = read_export_config(directory)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    md = ModelDef(cfg, freeze_vision=False)
-    shapes = md.shapes("trainable")
-    shardings = None
-    if mesh is not None:
-        from t5gemma2_jax.sharding import DEFAULT_RULES
-        specs = md.param_specs(mesh, rules or DEFAULT_RULES)
-        shardings = {n: NamedSharding(mesh, specs[n]) for n in shapes}
-    arrays = load_export_arrays(directory, shapes, shardings)
-    return md.merge(arrays, {})
-
-
-def host_params(params: dict) -> dict[str, np.ndarray]:
-    """Fully-addressable host copies (small models / single host only)."""
-    return {k: np.asarray(jax.device_get(v)) for k, v in params.items()}

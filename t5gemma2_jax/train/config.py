@@ -12,43 +12,33 @@ A config file has five sections, each optional:
 
 `model` names a preset (`t5gemma2_jax.preset`) and overrides any `T5Gemma2Config` field, nested
 ones (`encoder`, `decoder`, `vision`) included; changing a tower's `num_layers` without giving its
-`layer_types` re-derives Gemma 3's 5-local:1-global pattern. Every key is checked: an unknown key
-or a value of the wrong type raises `ConfigError` naming the key (with a close match if there is
-one). Overrides are `dotted.key=value` with the value read as YAML (`train.steps=200`,
-`optim.learning_rate=1e-4`, `data.train=null`, `model.encoder.layer_types=[...]`).
+`layer_types` re-derives Gemma 3's 5-local:1-global pattern. A file may start from another with
+`base: other.yaml` (relative to it) and state only what differs. Every key is checked by the config
+engine (`t5gemma2_jax.configlib`): an unknown key or a value of the wrong type raises `ConfigError`
+naming the key (with a close match if there is one). Overrides are `dotted.key=value` with the
+value read as YAML (`train.steps=200`, `optim.learning_rate=1e-4`, `data.train=null`,
+`model.encoder.layer_types=[...]`).
 """
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-from t5gemma2_jax.config import (PRESETS, ConfigError, T5Gemma2Config, TextConfig, VisionConfig,
-                                 default_layer_types, preset)
-from t5gemma2_jax.data.config import DataConfig, DataConfigError
+from t5gemma2_jax import configlib
+from t5gemma2_jax.config import PRESETS, ConfigError, T5Gemma2Config, TextConfig, default_layer_types, preset
+from t5gemma2_jax.configlib import require as _require
+from t5gemma2_jax.data.config import DataConfig
 
 SECTIONS = ("model", "data", "mesh", "optim", "train")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 DATA_SOURCES = ("pipeline", "synthetic")
 DISTRIBUTED = ("auto", "on", "off")
 MU_DTYPES = ("float32", "bfloat16")
-
-
-def _fail(key: str, msg: str) -> ConfigError:
-    return ConfigError(f"{key}: {msg}")
-
-
-def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise _fail(key, msg)
 
 
 @dataclass(frozen=True)
@@ -169,7 +159,7 @@ class ModelSpec:
         return _build_model_config(self.preset, dict(self.overrides))
 
     def to_dict(self) -> dict:
-        return {"preset": self.preset, **_plain(dict(self.overrides))}
+        return {"preset": self.preset, **configlib.plain(dict(self.overrides))}
 
 
 @dataclass(frozen=True)
@@ -191,7 +181,7 @@ class ExperimentConfig:
         """Plain YAML-able dict; `load_config` reads it back to an equal config."""
         out = {"model": self.model.to_dict()}
         for name in ("data", "mesh", "optim", "train"):
-            out[name] = _plain(dataclasses.asdict(getattr(self, name)))
+            out[name] = configlib.plain(getattr(self, name))
         return out
 
     def to_yaml(self) -> str:
@@ -204,66 +194,27 @@ class ExperimentConfig:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """YAML file (or defaults when `path` is None) + `key=value` overrides -> ExperimentConfig."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no such file {str(p)!r}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections {SECTIONS}")
+    raw = configlib.load_yaml(path) if path is not None else {}
     for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+        key, value = configlib.parse_override(item)
+        configlib.set_dotted(raw, key, value, SECTIONS)
     return from_dict(raw)
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected dotted.key=value (e.g. train.steps=200)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return key, value
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    if parts[0] not in SECTIONS:
-        raise _unknown(parts[0], SECTIONS, "")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, not a section; cannot set {key}")
-        node = nxt
-    node[parts[-1]] = value
 
 
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     for k in raw:
         if k not in SECTIONS:
-            raise _unknown(k, SECTIONS, "")
+            raise configlib.unknown_key(k, SECTIONS)
     sections = {}
     for name in SECTIONS:
         sub = raw.get(name) or {}
         if not isinstance(sub, Mapping):
             raise ConfigError(f"{name}: must be a mapping, got {type(sub).__name__}")
         sections[name] = sub
-    model = _model_spec(sections["model"])
-    data = _build(DataConfig, sections["data"], "data")
-    mesh = _build(MeshConfig, sections["mesh"], "mesh")
-    optim = _build(OptimConfig, sections["optim"], "optim")
-    train = _build(TrainConfig, sections["train"], "train")
-    cfg = ExperimentConfig(model=model, data=data, mesh=mesh, optim=optim, train=train)
+    cfg = ExperimentConfig(model=_model_spec(sections["model"]),
+                           **{name: configlib.build(cls, sections[name], name)
+                              for name, cls in (("data", DataConfig), ("mesh", MeshConfig),
+                                                ("optim", OptimConfig), ("train", TrainConfig))})
     _check_cross(cfg)
     return cfg
 
@@ -292,33 +243,12 @@ def _model_spec(raw: Mapping[str, Any]) -> ModelSpec:
     raw = dict(raw)
     name = raw.pop("preset", "tiny")
     _require(isinstance(name, str) and name in PRESETS, "model.preset", f"{name!r} not in {PRESETS}")
-    base = preset(name)
-    overrides = _check_model_overrides(base, raw, "model")
-    spec = ModelSpec(preset=name, overrides=overrides)
+    spec = ModelSpec(preset=name, overrides=configlib.check_overrides(preset(name), raw, "model"))
     try:
         spec.build()
     except ConfigError as e:
         raise ConfigError(f"model: {e}") from None
     return spec
-
-
-def _check_model_overrides(obj: Any, raw: Mapping[str, Any], where: str) -> dict:
-    """Validates keys/types of overrides against the dataclass instance `obj`'s fields."""
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    hints = typing.get_type_hints(type(obj))
-    out = {}
-    for key, value in raw.items():
-        full = f"{where}.{key}"
-        if key not in fields:
-            raise _unknown(key, fields, where)
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, Mapping):
-                raise _fail(full, f"must be a mapping of {type(current).__name__} fields, got {value!r}")
-            out[key] = _check_model_overrides(current, value, full)
-        else:
-            out[key] = _coerce(value, hints[key], full)
-    return out
 
 
 def _build_model_config(name: str, overrides: dict) -> T5Gemma2Config:
@@ -334,101 +264,3 @@ def _build_model_config(name: str, overrides: dict) -> T5Gemma2Config:
         else:
             changes[key] = value
     return cfg.replace(**changes) if changes else cfg
-
-
-def _build(cls, raw: Mapping[str, Any], where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise _unknown(key, fields, where)
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except DataConfigError as e:
-        raise ConfigError(str(e)) from None
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _unknown(key: str, known, where: str) -> ConfigError:
-    full = f"{where}.{key}" if where else key
-    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
-    hint = f" (did you mean {(where + '.' if where else '') + close[0]!r}?)" if close else ""
-    what = f"known keys in {where}" if where else "known sections"
-    return ConfigError(f"{full}: unknown key{hint}; {what}: {sorted(map(str, known))}")
-
-
-def _type_name(t) -> str:
-    return getattr(t, "__name__", str(t))
-
-
-def _coerce(value: Any, hint, key: str) -> Any:
-    """`value` checked (and minimally converted) against the type annotation `hint`."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
-        raise _fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _fail(key, f"expected a bool (true/false), got {value!r} ({type(value).__name__})")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _fail(key, f"expected an integer, got {value!r} ({type(value).__name__})")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
-            except ValueError:
-                pass
-        raise _fail(key, f"expected a number, got {value!r} ({type(value).__name__})")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _fail(key, f"expected a string, got {value!r} ({type(value).__name__}); quote it")
-    if origin in (tuple, list, collections.abc.Sequence) or hint in (tuple, list):
-        if isinstance(value, Mapping):
-            return value  # mapping forms (data.tokenizer_overrides: {image: 256001})
-        if isinstance(value, (list, tuple)):
-            if args and len(args) == 2 and args[1] is Ellipsis:
-                inner = args[0]
-                if inner in (str, int, float, bool):
-                    return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-            return tuple(value)
-        if isinstance(value, str):
-            return value  # compact string forms (data.ul2_denoisers, data.tokenizer_overrides)
-        raise _fail(key, f"expected a list, got {value!r} ({type(value).__name__})")
-    if origin in (dict, collections.abc.Mapping) or hint in (dict,):
-        if isinstance(value, Mapping):
-            return dict(value)
-        if isinstance(value, str):
-            return value  # compact string forms (data.tokenizer_overrides)
-        raise _fail(key, f"expected a mapping, got {value!r} ({type(value).__name__})")
-    return value  # other annotations: left to the dataclass' own validation
-
-
-def _plain(x: Any) -> Any:
-    """Tuples -> lists, recursively (for YAML/JSON)."""
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x

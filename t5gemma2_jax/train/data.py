@@ -103,28 +103,3 @@ def make_batches(cfg, model: T5Gemma2Config, split: str, process_index: int = 0,
     from t5gemma2_jax.data import make_pipeline
 
     return make_pipeline(cfg.data, split, process_index, process_count)
-
-
-def check_tokenizer(cfg, model: T5Gemma2Config) -> None:
-    """The tokenizer's vocabulary and special ids must fit the model (pipeline source only)."""
-    if cfg.train.data_source != "pipeline":
-        return
-    from t5gemma2_jax.config import ConfigError
-    from t5gemma2_jax.data import load_tokenizer
-
-    tok = load_tokenizer(cfg.data)
-    size = getattr(tok, "vocab_size", None)
-    if callable(size):
-        size = size()
-    if size is not None and size > model.vocab_size:
-        raise ConfigError(f"data.tokenizer: {size} pieces do not fit the model's vocab_size={model.vocab_size}")
-    sp = tok.special
-    pairs = [("pad", sp.pad, model.pad_token_id), ("eos", sp.eos, model.eos_token_id),
-             ("bos", sp.bos, model.bos_token_id)]
-    if cfg.data.images_enabled:
-        pairs += [("boi", sp.boi, model.boi_token_id), ("eoi", sp.eoi, model.eoi_token_id),
-                  ("image", sp.image, model.image_token_id)]
-    bad = [f"{n}: tokenizer {a} != model {b}" for n, a, b in pairs if a != b]
-    if bad:
-        raise ConfigError("data.tokenizer: special token ids differ from the model config ("
-                          + "; ".join(bad) + "); fix model.*_token_id or data.tokenizer_overrides")

@@ -209,3 +209,26 @@ def _cache_path():
         return cache_dir() / "cpu_peak_flops.json"
     except OSError:
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# What XLA says about a compiled program.
+
+
+def compiled_flops(compiled) -> float | None:
+    """XLA's FLOP count of a compiled program (per device for SPMD programs), when it reports one."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled program: arguments, outputs, temporaries, code, and the total
+    with donated arguments (aliased to outputs) counted once."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "generated_code", "alias")}
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+    return out

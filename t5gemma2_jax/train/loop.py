@@ -8,15 +8,15 @@ import time
 import jax
 import numpy as np
 
+from t5gemma2_jax.checkpoints.export import save_export
 from t5gemma2_jax.train import flops as flops_lib
-from t5gemma2_jax.train.checkpoint import Checkpointer, export_params
+from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.config import ExperimentConfig
 from t5gemma2_jax.train.data import make_batches
-from t5gemma2_jax.train.mesh import global_batch
 from t5gemma2_jax.train.metrics import MetricsWriter, Progress
-from t5gemma2_jax.train.setup import (PreemptionGuard, load_pretrained, prepare, save_resolved_config)
-from t5gemma2_jax.train.state import ModelDef, abstract_state, init_state, make_optimizer, state_from_params
+from t5gemma2_jax.train.setup import PreemptionGuard, prepare, save_resolved_config
 from t5gemma2_jax.train.step import CompiledSteps
+from t5gemma2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +24,15 @@ log = logging.getLogger(__name__)
 def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, devices=None) -> dict:
     """Runs (or resumes) the experiment in `workdir`. `batches` / `eval_batches()` replace the
     configured data (an iterator with get_state/set_state, a function returning one)."""
-    plan = prepare(cfg, workdir, devices)
-    t, mesh, pidx, pcount = cfg.train, plan.mesh, jax.process_index(), jax.process_count()
-    save_resolved_config(plan)
-    model_def = ModelDef(plan.model, freeze_vision=t.freeze_vision)
-    tx, schedule = make_optimizer(cfg.optim, t.steps)
-    abstract, shardings = abstract_state(model_def, tx, t.seed, mesh, plan.rules)
-    ckpt = Checkpointer(plan.workdir / "checkpoints", every=t.checkpoint_every, keep=t.keep_checkpoints,
+    workdir, trainer = prepare(cfg, workdir, devices)
+    t, mesh, pidx, pcount = cfg.train, trainer.mesh, jax.process_index(), jax.process_count()
+    save_resolved_config(cfg, workdir)
+    ckpt = Checkpointer(workdir / "checkpoints", every=t.checkpoint_every, keep=t.keep_checkpoints,
                         keep_best=t.keep_best, async_save=t.async_checkpointing)
-    data = batches if batches is not None else make_batches(cfg, plan.model, "train", pidx, pcount)
+    data = batches if batches is not None else make_batches(cfg, trainer.model_config, "train", pidx, pcount)
     start = ckpt.latest_step() or 0
     if start:
-        restored = ckpt.restore(start, abstract)
+        restored = ckpt.restore(start, trainer.abstract_state)
         state = restored.state
         if restored.data is not None:
             data.set_state(restored.data)
@@ -43,37 +40,30 @@ def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, de
             log.warning("checkpoint %d has no data state for process %d of %d: data restarts", start, pidx, pcount)
         log.info("resumed from %s at step %d", ckpt.directory, start)
     elif t.init_from:
-        state = state_from_params(model_def, tx, t.seed, *load_pretrained(t.init_from, model_def, shardings),
-                                  mesh, shardings)
+        state = trainer.state_from_pretrained(t.init_from)
     else:
-        state = init_state(model_def, tx, t.seed, mesh, plan.rules, shardings)
-    writer = MetricsWriter(plan.workdir, resume_step=start, tensorboard=t.tensorboard, enabled=pidx == 0)
+        state = trainer.init_state()
+    writer = MetricsWriter(workdir, resume_step=start, tensorboard=t.tensorboard, enabled=pidx == 0)
     summary = {"start_step": start, "step": start, "preempted": False}
     if start >= t.steps:
         writer.close(), ckpt.close()
         return summary
 
-    batch = global_batch(next(data), mesh)
     tic = time.time()
-    steps = CompiledSteps(model_def, tx, schedule, mesh, plan.rules, abstract, shardings, batch,
-                          z_loss=t.z_loss, microbatches=t.microbatches, with_eval=t.eval_every > 0)
+    steps = trainer.compile()
     log.info("compiled the train step in %.1f s", time.time() - tic)
-    B, S = batch["encoder_input_ids"].shape
-    T = batch["decoder_input_ids"].shape[1]
-    images = batch["pixel_values"].shape[1] if "pixel_values" in batch else 0
-    step_flops = flops_lib.step_flops(plan.model, batch=B, encoder_length=S, decoder_length=T, images_per_row=images,
-                                      vision_trainable=not t.freeze_vision).train_per_step
+    d = cfg.data
+    B, S, T = d.batch_size, d.encoder_length, d.decoder_length
+    step_flops = trainer.step_flops().train_per_step
     peak, peak_src = flops_lib.peak_flops_per_device(mesh.devices.flat[0], t.peak_tflops)
     log.info("%.4g TFLOP per step (analytic); peak %.4g TFLOP/s per device (%s)", step_flops / 1e12, peak / 1e12, peak_src)
-    meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": plan.model.to_dict()}
+    meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": trainer.model_config.to_dict()}
 
     progress = Progress(t.steps, start, enabled=t.progress_bar and pidx == 0)
     pending, last_time, last_step, eval_metrics = [], time.time(), start, None
     with PreemptionGuard() as guard:
         for step in range(start + 1, t.steps + 1):
-            if step > start + 1:
-                batch = global_batch(next(data), mesh)
-            state, m = steps.train(state, batch)
+            state, m = steps.train(state, trainer.place_batch(next(data)))
             pending.append(m)
             is_log = step % t.log_every == 0 or step == t.steps or step == start + 1
             if is_log:
@@ -90,8 +80,8 @@ def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, de
                 pending, last_time, last_step = [], now, step
             eval_metrics = None
             if t.eval_every and step % t.eval_every == 0:
-                eval_metrics = evaluate(steps, state, mesh, eval_batches() if eval_batches
-                                        else make_batches(cfg, plan.model, "eval", pidx, pcount), t.eval_steps)
+                eval_metrics = evaluate(steps, state, trainer, eval_batches() if eval_batches
+                                        else make_batches(cfg, trainer.model_config, "eval", pidx, pcount), t.eval_steps)
                 writer.write(step, eval_metrics)
                 progress.write(f"step {step}: eval_loss {eval_metrics['eval_loss']:.4f}")
             stop = guard.should_stop(ckpt, step, sync=is_log)
@@ -106,20 +96,21 @@ def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, de
     ckpt.close()
     writer.close()
     if t.export_at_end and not summary["preempted"]:
-        summary["export"] = str(export_params(plan.workdir / "export", plan.model, state["params"], state["frozen"]))
+        summary["export"] = str(save_export(workdir / "export", trainer.model_config,
+                                            {**state["params"], **state["frozen"]}))
     summary["data_stats"] = data.stats()
     if hasattr(data, "close"):
         data.close()
     return summary
 
 
-def evaluate(steps: CompiledSteps, state, mesh, batches, max_batches: int) -> dict:
+def evaluate(steps: CompiledSteps, state, trainer: Trainer, batches, max_batches: int) -> dict:
     """Mean eval cross-entropy over at most `max_batches` batches (weighted by token count)."""
     sums = []
     for i, b in enumerate(batches):
         if i >= max_batches:
             break
-        sums.append(steps.eval(state, global_batch(b, mesh)))
+        sums.append(steps.eval(state, trainer.place_batch(b)))
     if hasattr(batches, "close"):
         batches.close()
     sums = jax.device_get(sums)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from t5gemma2_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
+from t5gemma2_jax.sharding import DEFAULT_RULES, Rules
 from t5gemma2_jax.train.config import MeshConfig
 
 log = logging.getLogger(__name__)
@@ -107,21 +107,6 @@ def sharding_rules(cfg: MeshConfig) -> Rules:
             axes = v if v is None or isinstance(v, str) else tuple(v)
         rules.append((name, axes))
     return tuple(rules)
-
-
-def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-             rules: Rules) -> tuple[P, bool]:
-    """PartitionSpec of a parameter from its logical axes; a dimension whose size the mesh axes do
-    not divide stays replicated (returned flag True when that happened)."""
-    spec = logical_to_spec(logical_axes, rules, mesh_axis_names=mesh.axis_names)
-    out, fell_back = [], False
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is not None:
-            names = (axes,) if isinstance(axes, str) else tuple(axes)
-            if dim % math.prod(mesh.shape[a] for a in names):
-                axes, fell_back = None, True
-        out.append(axes)
-    return P(*out), fell_back
 
 
 def batch_spec(ndim: int) -> P:

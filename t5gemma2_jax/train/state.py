@@ -23,11 +23,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t5gemma2_jax.config import T5Gemma2Config
+from t5gemma2_jax.checkpoints.export import flat_params, is_export, load_export_arrays, param_name, read_export_config
+from t5gemma2_jax.config import ConfigError, T5Gemma2Config
 from t5gemma2_jax.model import T5Gemma2
-from t5gemma2_jax.sharding import Rules
+from t5gemma2_jax.sharding import Rules, axis_rules, variable_spec
 from t5gemma2_jax.train.config import OptimConfig
-from t5gemma2_jax.train.mesh import spec_for
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ TrainState = dict  # {"step": int32[], "params": {...}, "frozen": {...}, "opt_st
 
 def _nothing(path, x) -> bool:
     return False
-
-
-def param_name(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
 
 
 class ModelDef:
@@ -75,9 +71,8 @@ class ModelDef:
 
     def param_specs(self, mesh: Mesh, rules: Rules) -> dict[str, P]:
         specs, fell_back = {}, []
-        for name in list(self.trainable) + list(self.frozen):
-            shape = (self.trainable.get(name) or self.frozen[name])[1].get_value().shape
-            specs[name], fb = spec_for(self.logical_axes(name), shape, mesh, rules)
+        for name, (_, var) in {**self.trainable, **self.frozen}.items():
+            specs[name], fb = variable_spec(var, mesh, rules)
             if fb:
                 fell_back.append(name)
         if fell_back:
@@ -94,7 +89,7 @@ class ModelDef:
 
     def split(self, model: T5Gemma2) -> tuple[dict, dict]:
         """(trainable, frozen) flat dicts of a concrete or traced model."""
-        flat = {param_name(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        flat = flat_params(model)
         missing = sorted((set(self.trainable) | set(self.frozen)) - set(flat))
         if missing:
             raise ValueError(f"model lacks parameters {missing[:5]}...")
@@ -191,7 +186,6 @@ def abstract_state(model_def: ModelDef, tx, seed: int, mesh: Mesh, rules: Rules)
 
 def init_state(model_def: ModelDef, tx, seed: int, mesh: Mesh, rules: Rules, shardings: TrainState) -> TrainState:
     """Random initialisation, each device computing only its shards."""
-    from t5gemma2_jax.sharding import axis_rules
     with jax.set_mesh(mesh), axis_rules(rules):
         return jax.jit(make_init_fn(model_def, tx, seed), out_shardings=shardings)()
 
@@ -205,6 +199,35 @@ def state_from_params(model_def: ModelDef, tx, seed: int, params: dict, frozen: 
         fn = jax.jit(lambda p, f: _assemble(p, f, tx, seed),
                      in_shardings=(shardings["params"], shardings["frozen"]), out_shardings=shardings)
         return fn(params, frozen)
+
+
+def load_pretrained(path: str, model_def: ModelDef, shardings: TrainState) -> tuple[dict, dict]:
+    """(trainable, frozen) parameter arrays of a params export or a Hugging Face checkpoint,
+    placed with the state's shardings."""
+    cfg = model_def.config
+    if is_export(path):
+        _same_architecture(read_export_config(path), cfg, path)
+        shapes = {**model_def.shapes("trainable"), **model_def.shapes("frozen")}
+        arrays = load_export_arrays(path, shapes, {**shardings["params"], **shardings["frozen"]})
+    else:
+        from t5gemma2_jax.checkpoints.hf import load_hf
+
+        with jax.default_device(jax.devices("cpu")[0]):  # host memory, not one accelerator
+            model = load_hf(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype, text_only=not cfg.with_vision,
+                            scan_layers=cfg.scan_layers, remat=cfg.remat)
+        _same_architecture(model.config, cfg, path)
+        flat = {n: np.asarray(v) for n, v in flat_params(model).items()}
+        del model
+        sh = {**shardings["params"], **shardings["frozen"]}
+        arrays = {n: jax.device_put(flat.pop(n), sh[n]) for n in list(sh)}
+    return ({n: arrays[n] for n in model_def.trainable}, {n: arrays[n] for n in model_def.frozen})
+
+
+def _same_architecture(checkpoint: T5Gemma2Config, config: T5Gemma2Config, path) -> None:
+    diffs = checkpoint.architecture_differences(config, labels=("checkpoint", "config"))
+    if diffs:
+        raise ConfigError(f"train.init_from: {path} has a different architecture than model "
+                          f"(set the model.* overrides to match): " + "; ".join(diffs[:10]))
 
 
 def count(tree: Any) -> int:

@@ -33,7 +33,7 @@ def loss_sums(model_def: ModelDef, params: dict, frozen: dict, batch: Mapping[st
                    encoder_segment_ids=batch["encoder_segment_ids"],
                    decoder_segment_ids=batch["decoder_segment_ids"],
                    encoder_positions=batch["encoder_positions"],
-                   decoder_positions=batch["decoder_positions"], **images)
+                   decoder_positions=batch["decoder_positions"], **images).logits
     targets, weights = batch["decoder_target_ids"], batch["decoder_loss_weights"]
     total, count = cross_entropy(logits, targets, weights, z_loss)
     ce = cross_entropy(logits, targets, weights)[0] if z_loss else total
@@ -118,12 +118,3 @@ class CompiledSteps:
                 ev = jax.jit(make_eval_step(model_def), in_shardings=(state_shardings, batch_sh),
                              out_shardings=replicated)
                 self.eval = ev.lower(abstract_state, abstract_batch).compile()
-
-    def xla_flops(self) -> float | None:
-        """XLA's own FLOP count of the compiled train step (all devices), when it reports one."""
-        try:
-            cost = self.train.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            return float(cost["flops"]) if cost and "flops" in cost else None
-        except Exception:  # noqa: BLE001 - not every backend implements it
-            return None

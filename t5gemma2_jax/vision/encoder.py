@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from t5gemma2_jax.config import T5Gemma2Config
-from t5gemma2_jax.vision.layers import as_dtype
 from t5gemma2_jax.vision.projector import MultiModalProjector
 from t5gemma2_jax.vision.tower import SiglipTower
 
@@ -29,7 +29,7 @@ class VisionEncoder(nnx.Module):
                                  scan_layers=config.scan_layers, remat=config.remat, rngs=rngs)
         self.projector = MultiModalProjector(config, rngs=rngs)
         self.mm_tokens_per_image = config.mm_tokens_per_image
-        self.dtype = as_dtype(config.dtype)
+        self.dtype = jnp.dtype(config.dtype)
 
     def last_hidden_state(self, pixel_values: jax.Array) -> jax.Array:
         """SigLIP output before pooling/projection: [..., C, H, W] -> [..., P*P, Dv]

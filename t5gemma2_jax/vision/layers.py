@@ -1,18 +1,10 @@
-"""Small shared pieces of the SigLIP tower: dtype lookup, initialisers, affine LayerNorm."""
+"""Small shared pieces of the SigLIP tower: initialisers and the affine LayerNorm."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-DType = jnp.dtype | str
-
-
-def as_dtype(name: DType) -> jnp.dtype:
-    """Config dtypes are strings ("float32", "bfloat16"); modules want numpy dtypes."""
-    return jnp.dtype(name)
-
 
 def normal(key: jax.Array, shape: tuple[int, ...], stddev: float, dtype: jnp.dtype) -> jax.Array:
     return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)

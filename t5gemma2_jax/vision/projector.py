@@ -17,7 +17,7 @@ from flax import nnx
 
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.nn.norm import RMSNorm
-from t5gemma2_jax.vision.layers import as_dtype, normal
+from t5gemma2_jax.vision.layers import normal
 
 
 def avg_pool_patches(x: jax.Array, patches_per_side: int, tokens_per_side: int) -> jax.Array:
@@ -34,7 +34,7 @@ def avg_pool_patches(x: jax.Array, patches_per_side: int, tokens_per_side: int) 
 class MultiModalProjector(nnx.Module):
     def __init__(self, config: T5Gemma2Config, *, rngs: nnx.Rngs):
         v = config.vision
-        pdt = as_dtype(config.param_dtype)
+        pdt = jnp.dtype(config.param_dtype)
         self.norm = RMSNorm(v.hidden_size, eps=v.layer_norm_eps, param_dtype=pdt,
                             logical_axes=("vision_embed",))
         # HF initialises this to zeros; a small random init keeps an untrained model's images
@@ -43,7 +43,7 @@ class MultiModalProjector(nnx.Module):
                                 logical_axes=("vision_embed", "embed"))
         self.patches_per_side = v.patches_per_side
         self.tokens_per_side = math.isqrt(config.mm_tokens_per_image)
-        self.dtype = as_dtype(config.dtype)
+        self.dtype = jnp.dtype(config.dtype)
 
     def pool(self, hidden: jax.Array) -> jax.Array:
         return avg_pool_patches(hidden, self.patches_per_side, self.tokens_per_side)

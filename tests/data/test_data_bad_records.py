@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+import zlib
 
 import pytest
 
 from data_test_helpers import png_b64
 from t5gemma2_jax.data import DataConfig, DataQualityError, SKIP_REASONS, make_pipeline
+from t5gemma2_jax.data.images import ImageError, load_image
 
 
 def _write(path, lines):
@@ -57,6 +60,42 @@ def test_every_reason_is_counted(tmp_path):
     lenient = make_pipeline(cfg.with_overrides({"unknown_fields": "ignore"}), "eval")
     list(lenient)
     assert lenient.stats()["skipped/unknown_field"] == 0 and lenient.stats()["examples"] == 3
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width x height`; its pixel data is never there."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    idat = b"IDAT" + b"\x00" * 8  # Pillow reads up to the first IDAT before it knows the size
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+            + struct.pack(">I", 8) + idat + struct.pack(">I", zlib.crc32(idat)))
+
+
+def test_a_decompression_bomb_is_a_counted_skip(tmp_path):
+    bomb = _png_claiming(30_000, 30_000)  # 900 MP: refused from the header, before decoding
+    with pytest.raises(ImageError, match="decompression bomb") as err:
+        load_image(bomb)
+    assert err.value.reason == "corrupt_image"
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    bomb_uri = "data:image/png;base64," + base64.b64encode(bomb).decode()
+    good = png_b64((10, 200, 30))
+    lines = [
+        {"text": "a fine line before.", "images": [good]},
+        {"text": "a bomb on disk.", "images": ["bomb.png"]},
+        {"text": "a fine line between."},
+        {"text": "a bomb inline, next to a good image.", "images": [good, bomb_uri]},
+        {"text": "a fine line after.", "images": [good]},
+    ]
+    cfg = DataConfig(eval=_write(tmp_path / "data.jsonl", lines), train="unused", batch_size=2,
+                     encoder_length=96, decoder_length=48, max_images_per_row=2, image_size=8,
+                     mm_tokens_per_image=4, ul2_denoisers="R:3:0.15:1", max_bad_fraction=1.0)
+    pipe = make_pipeline(cfg, "eval")
+    batches = list(pipe)
+    stats = pipe.stats()
+    assert stats["records_seen"] == 5 and stats["examples"] == 3
+    assert stats["skipped/corrupt_image"] == 2
+    assert sum(stats[f"skipped/{r}"] for r in SKIP_REASONS) == 2
+    assert sum(b["image_mask"].sum() for b in batches) == 2
 
 
 def test_max_bad_fraction_stops_the_run_with_a_clear_message(tmp_path):

@@ -55,7 +55,7 @@ def test_dotted_overrides_are_typed():
     assert cfg.encoder_length == 512 and cfg.packing is False and cfg.max_bad_fraction == 0.2
     assert cfg.num_workers == 2 and len(cfg.ul2_denoisers) == 2
     assert dict(cfg.tokenizer_overrides) == {"image": 256001, "boi": 255999}
-    with pytest.raises(DataConfigError, match=r"data\.encoder_lenght: unknown field"):
+    with pytest.raises(DataConfigError, match=r"data\.encoder_lenght: unknown key"):
         DataConfig().with_overrides({"data.encoder_lenght": "1"})
     with pytest.raises(DataConfigError, match=r"data\.batch_size: expected an integer"):
         DataConfig().with_overrides({"data.batch_size": "eight"})

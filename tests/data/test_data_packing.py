@@ -146,8 +146,7 @@ def test_images_travel_with_their_examples(tok):
 def test_images_are_held_compactly_and_restored_exactly(tok):
     from PIL import Image
 
-    from t5gemma2_jax.data import images as images_mod
-    from t5gemma2_jax.data.images import compact, expand, load_image, preprocess_image, to_pixels
+    from t5gemma2_jax.data.images import compact, expand, load_pixels, preprocess_image, to_pixels
     from t5gemma2_jax.data.records import ParseRecord
     from t5gemma2_jax.data.sources import RawRecord
 
@@ -161,8 +160,7 @@ def test_images_are_held_compactly_and_restored_exactly(tok):
             assert held.dtype == np.uint8 and held.shape == (3, size, size)
             # Bit-exact with the reference preprocessing (the vision package's when present).
             assert expand(held).tobytes() == preprocess_image(img, size).tobytes()
-    assert images_mod._CompactPath.enabled
-    pixels = load_image(png_b64((200, 30, 90), size=20), None, 16)
+    pixels = load_pixels(png_b64((200, 30, 90), size=20), None, 16)
     assert pixels.dtype == np.float32 and compact(pixels).dtype == np.uint8
     assert compact(pixels + np.float32(1e-3)).dtype == np.float32  # not from uint8: kept
     parser = ParseRecord(kind="pretrain", tokenizer=tok, names=["m"], base_dirs=[None],

@@ -66,7 +66,7 @@ def test_packed_loss_equals_unpacked_loss(tok):
 
     @nnx.jit
     def forward(model, inputs):
-        return model(**inputs)
+        return model(**inputs).logits
 
     logits = forward(model, dict(
         input_ids=batch["encoder_input_ids"], decoder_input_ids=batch["decoder_input_ids"],

@@ -38,7 +38,7 @@ def test_image_block_is_the_gemma3_expansion(tok):
     nl = list(tok.encode("\n\n"))
     assert list(block) == nl + [4, 6, 6, 6, 6, 5] + nl
     try:
-        from t5gemma2_jax.vision.preprocess import expand_image_tokens
+        from t5gemma2_jax.data.tokenizer import expand_image_tokens
     except ImportError:
         return
     assert expand_image_tokens([4], 4, boi_id=4, eoi_id=5, image_token_id=6,

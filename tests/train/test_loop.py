@@ -15,7 +15,8 @@ import yaml
 
 from helpers import small_config
 from t5gemma2_jax.train import load_export, read_metrics, train
-from t5gemma2_jax.train.checkpoint import Checkpointer, load_export_arrays
+from t5gemma2_jax.checkpoints.export import load_export_arrays
+from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.config import from_dict
 from t5gemma2_jax.train.data import SyntheticBatches
 from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
@@ -107,8 +108,7 @@ def test_train_sigterm_resume_eval_export(tmp_path):
 
     # Fine-tuning starts from the export or from the Hugging Face directory: same parameters,
     # fresh optimizer state at step 0.
-    from t5gemma2_jax.train.setup import load_pretrained
-    from t5gemma2_jax.train.state import state_from_params
+    from t5gemma2_jax.train.state import load_pretrained, state_from_params
 
     for source in (s2["export"], tmp_path / "hf"):
         params, frozen = load_pretrained(str(source), model_def, sh)

@@ -133,7 +133,8 @@ def load_entries(module: nnx.Module, tensors: dict[str, np.ndarray], entries: li
 
 def from_hf(cfg: T5Gemma2Config, tensors: dict[str, np.ndarray], key_fn=lambda k: k):
     """A `VisionEncoder` holding the HF weights, built abstractly (no random init to compile)."""
-    from t5gemma2_jax.vision import VisionEncoder, vision_hf_entries
+    from t5gemma2_jax.checkpoints.hf_vision import vision_hf_entries
+    from t5gemma2_jax.vision import VisionEncoder
 
     model = nnx.eval_shape(lambda: VisionEncoder(cfg, rngs=nnx.Rngs(0)))
     load_entries(model, tensors, vision_hf_entries(cfg), key_fn=key_fn)

@@ -12,9 +12,9 @@ from flax import nnx
 from hf_vision_utils import (build_hf_model, export_entries, from_hf, hf_state_dict_numpy, make_mm_batch,
                              make_pixel_values, tiny_vision_config)
 from t5gemma2_jax.config import ConfigError, preset
-from t5gemma2_jax.vision import (VisionEncoder, check_image_placeholders, insert_image_features,
-                                 legacy_vision_key, normalize_vision_key, vision_config_from_hf,
-                                 vision_config_to_hf, vision_hf_entries)
+from t5gemma2_jax.checkpoints.hf_config import vision_config_from_hf, vision_config_to_hf
+from t5gemma2_jax.checkpoints.hf_vision import legacy_vision_key, normalize_vision_key, vision_hf_entries
+from t5gemma2_jax.vision import VisionEncoder, check_image_placeholders, insert_image_features
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -13,17 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t5gemma2_jax.vision.preprocess import (
-    BOI_TOKEN,
-    EOI_TOKEN,
-    IMAGE_TOKEN,
-    ImageError,
-    expand_image_tokens,
-    image_token_sequence,
-    load_image,
-    preprocess_image,
-    preprocess_images,
-)
+from t5gemma2_jax.data.images import ImageError, load_image, preprocess_image, preprocess_images
+from t5gemma2_jax.data.tokenizer import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, expand_image_tokens, image_token_sequence
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,3 +290,82 @@ def test_expand_token_ids():
     assert out == [2, 10, 108, 4, 6, 6, 6, 5, 108, 11, 108, 4, 6, 6, 6, 5, 108]
     with pytest.raises(ValueError, match="boi_id"):
         expand_image_tokens([1, 2], 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Skip reasons, references relative to a data file, one error class
+# ------------------------------------------------------------------------------------------------
+
+
+def test_failures_carry_the_skip_reason(tmp_path):
+    assert _raised(load_image, str(tmp_path / "nope.jpg")).reason == "missing_image"
+    assert _raised(load_image, str(tmp_path)).reason == "missing_image"  # a directory: nothing to read
+    assert _raised(load_image, "/data/images/" + "a" * 80).reason == "missing_image"
+    for bad in (b"this is not an image at all", b"", _png_header_only(30_000, 30_000),
+                "data:image/png;base64,@@@@", "data:image/png,rawbytes", "", 12345,
+                Image.new("RGB", (0, 5)), np.zeros((4, 4), np.float32)):
+        err = _raised(load_image, bad)
+        assert err.reason == "corrupt_image", (bad if not isinstance(bad, bytes) else bad[:20], err)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    err = _raised(load_image, "broken.png", base_dir=tmp_path)
+    assert err.reason == "corrupt_image" and "broken.png" in str(err)
+
+
+def test_relative_paths_resolve_against_base_dir(tmp_path):
+    img = _synthetic(12, 9)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(_png_bytes(img))
+    loaded = load_image("sub/a.png", base_dir=str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(img))
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "sub" / "a.png", base_dir="/elsewhere")),
+                                  np.asarray(img))  # absolute paths ignore base_dir
+    err = _raised(load_image, "sub/b.png", base_dir=str(tmp_path))
+    assert err.reason == "missing_image" and str(tmp_path / "sub" / "b.png") in str(err)
+
+
+def test_bare_base64_with_slashes_is_image_data():
+    data = _png_bytes(_synthetic(30, 30, 5))
+    b64 = base64.b64encode(data).decode()
+    assert "/" in b64 and len(b64) < 4096
+    np.testing.assert_array_equal(preprocess_image(b64, 16), preprocess_image(data, 16))
+    err = _raised(load_image, base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 80).decode())
+    assert err.reason == "corrupt_image" and "base64" in str(err)
+
+
+def test_load_pixels_compact_and_float():
+    from t5gemma2_jax.data.images import expand, load_pixels, to_pixels
+
+    img = _synthetic(20, 11, 6)
+    ref = "data:image/png;base64," + base64.b64encode(_png_bytes(img)).decode()
+    held = load_pixels(ref, None, 8, compact_ok=True)
+    assert held.dtype == np.uint8 and held.shape == (3, 8, 8)
+    np.testing.assert_array_equal(held, to_pixels(img, 8))
+    full = load_pixels(ref, None, 8)
+    assert full.dtype == np.float32 and full.tobytes() == expand(held).tobytes()
+    assert full.tobytes() == preprocess_image(img, 8).tobytes()
+    with pytest.raises(ValueError, match="image_size"):
+        load_pixels(ref, None, 0)
+
+
+def test_pillow_bomb_warning_is_an_error_unless_max_pixels_allows_more(monkeypatch):
+    data = _png_bytes(_synthetic(40, 40))  # 1600 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above 1000, raises above 2000
+    assert "decompression bomb" in str(_raised(load_image, data, max_pixels=1000))
+    assert load_image(data, max_pixels=2000).size == (40, 40)
+    assert load_image(data, max_pixels=None).size == (40, 40)
+
+
+def test_image_error_is_one_class():
+    import pickle
+
+    import t5gemma2_jax
+    from t5gemma2_jax.data import records
+
+    root = Path(t5gemma2_jax.__file__).parent
+    defining = [p for p in root.rglob("*.py") if "class ImageError" in p.read_text()]
+    assert [p.relative_to(root).as_posix() for p in defining] == ["data/images.py"]
+    assert records.ImageError is ImageError and issubclass(ImageError, ValueError)
+    err = pickle.loads(pickle.dumps(ImageError("image 'x.png' does not exist", "missing_image")))
+    assert err.reason == "missing_image" and str(err) == "image 'x.png' does not exist"
+    with pytest.raises(ValueError, match="reason"):
+        ImageError("msg", "blurry_image")

@@ -20,12 +20,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
-from t5gemma2_jax.sharding import current_rules, logical_to_spec
+from t5gemma2_jax.nn.masks import MaskInfo
+from t5gemma2_jax.sharding import spec_for
 
 _Q_PAD, _KV_PAD = -1, -2        # segment ids of padding rows/columns (never equal)
 
@@ -122,22 +122,21 @@ def _local_splash(q, k, v, q_seg, kv_seg, *, causal, window, cross_start, scale,
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, d)[:, :T]
 
 
-def splash_attention(q, k, v, mask, scale: float, block: int = 512, interpret: bool | None = None) -> jax.Array:
+def attention(q, k, v, mask: MaskInfo, scale: float, block_size: int = 512,
+              interpret: bool | None = None) -> jax.Array:
     """Same contract as `attend`. Positions are assumed contiguous within segments (see blockwise)."""
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     fn = functools.partial(_local_splash, causal=mask.causal, window=mask.window, cross_start=mask.cross_start,
-                           scale=scale, block=block, interpret=interpret)
+                           scale=scale, block=block_size, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return fn(q, k, v, mask.q_segment_ids, mask.kv_segment_ids)
-    batch = logical_to_spec(("activation_batch",), current_rules(), mesh.axis_names)[0]
-    heads = logical_to_spec(("activation_kv_heads",), current_rules(), mesh.axis_names)[0]
-    if heads is not None:
-        size = int(np.prod([mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads)]))
-        if k.shape[2] % size:
-            heads = None                          # e.g. MQA: one KV head cannot be split
-    qkv_spec = P(batch, None, heads, None)
-    seg_spec = P(batch, None)
+    # Rows over the batch axes, KV heads over 'tensor' where they divide (MQA's one head cannot).
+    axes = ("activation_batch", None, "activation_kv_heads", None)
+    kv_spec, _ = spec_for(axes, k.shape, mesh)
+    q_spec, _ = spec_for(axes, q.shape, mesh)
+    qkv_spec = P(q_spec[0], None, kv_spec[2], None)
+    seg_spec = P(q_spec[0], None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec),
                          out_specs=qkv_spec, check_vma=False)(q, k, v, mask.q_segment_ids, mask.kv_segment_ids)

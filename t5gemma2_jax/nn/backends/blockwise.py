@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from t5gemma2_jax.nn.masks import MASK_VALUE, MaskInfo, allowed
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int, value) -> jax.Array:
@@ -36,22 +36,9 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, value) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _block_allowed(q_seg, q_pos, k_seg, k_pos, causal, window, is_cross):
-    """Boolean `[B, bq, bk]` for one (query block, key block) pair."""
-    allowed = q_seg[:, :, None] == k_seg[:, None, :]
-    if is_cross:
-        return allowed
-    delta = k_pos[:, None, :] - q_pos[:, :, None]
-    if causal:
-        allowed &= delta <= 0
-    if window is not None:
-        left, right = window
-        allowed &= (delta >= -left) & (delta <= right)
-    return allowed
-
-
-def blockwise_attention(q, k, v, mask, scale: float, block: int = 512) -> jax.Array:
+def attention(q, k, v, mask: MaskInfo, scale: float, block_size: int = 512) -> jax.Array:
     """Same contract as `attend` (q `[B,T,H,d]`, k/v `[B,S,K,d]`, `MaskInfo`)."""
+    block = block_size
     B, T, H, d = q.shape
     K = k.shape[2]
     G = H // K
@@ -86,7 +73,7 @@ def blockwise_attention(q, k, v, mask, scale: float, block: int = 512) -> jax.Ar
         qb = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
         qs = jax.lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
         qpos = jax.lax.dynamic_slice_in_dim(q_pos, i * bq, bq, axis=1)
-        m = jnp.full((B, K, G, bq), _MASK_VALUE, jnp.float32)
+        m = jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32)
         l = jnp.zeros((B, K, G, bq), jnp.float32)
         acc = jnp.zeros((B, K, G, bq, d), jnp.float32)
 
@@ -97,8 +84,8 @@ def blockwise_attention(q, k, v, mask, scale: float, block: int = 512) -> jax.Ar
                 m, l, acc = carry
                 kb, vb, ks, kpos = kb_all[j], vb_all[j], seg_all[j], pos_all[j]
                 s = jnp.einsum("BqKGd,BkKd->BKGqk", qb, kb) * jnp.asarray(scale, qb.dtype)
-                allowed = _block_allowed(qs, qpos, ks, kpos, mask.causal, mask.window, is_cross)
-                s = jnp.where(allowed[:, None, None], s.astype(jnp.float32), _MASK_VALUE)
+                ok = allowed(qs, qpos, ks, kpos, causal=mask.causal, window=mask.window, all_cross=is_cross)
+                s = jnp.where(ok[:, None, None], s.astype(jnp.float32), MASK_VALUE)
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.exp(s - m_new[..., None])
                 corr = jnp.exp(m - m_new)

@@ -48,11 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5gemma2_jax.checkpoints.hf import DECODER_PREFIX, ENCODER_PREFIX, read_hf_config, text_hf_entries
-from t5gemma2_jax.checkpoints.hf_config import text_config_from_hf, vision_config_from_hf
+from t5gemma2_jax.checkpoints.hf import read_hf_config
+from t5gemma2_jax.checkpoints.hf_config import first_id, text_config_from_hf, vision_config_from_hf
 from t5gemma2_jax.checkpoints.hf_mapping import HFEntry
+from t5gemma2_jax.checkpoints.hf_text import DECODER_PREFIX, EMBEDDING_KEY, ENCODER_PREFIX, EOI_KEY, text_hf_entries
+from t5gemma2_jax.checkpoints.hf_vision import PROJECTOR_PREFIX, VISION_PREFIX, vision_hf_entries
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointDir, CheckpointError
-from t5gemma2_jax.checkpoints.staging import HostStaging, get_path, set_path
+from t5gemma2_jax.checkpoints.staging import HostStaging, get_path
+from t5gemma2_jax.checkpoints.triage import DUPLICATED, MISMATCHED, UNKNOWN, KeyTriage
 from t5gemma2_jax.config import ConfigError, T5Gemma2Config, TextConfig, VisionConfig
 from t5gemma2_jax.model import T5Gemma2
 
@@ -65,11 +68,6 @@ GEMMA3_EOI_TOKEN = 256_000
 GEMMA3_IMAGE_TOKEN = 262_144
 DEFAULT_MM_TOKENS = 256
 EOI_INITS = ("source", "zeros")
-
-# Orbax params-only export: the layout `train.checkpoint.export_params` writes and
-# `train.checkpoint.load_export` / `train.init_from` read.
-ORBAX_CONFIG = "model_config.json"
-ORBAX_PARAMS = "params"
 
 # TextConfig fields fixed by the source's tensors (an override could only fail to load).
 _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -90,8 +88,6 @@ _LM_HEAD_KEY = re.compile(r"^(?:language_model\.)?lm_head\.weight$")
 _VISION_KEY = re.compile(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.*)$")
 _PROJECTOR_KEY = re.compile(r"^(?:model\.)?multi_modal_projector\.(.*)$")
 
-_VISION_PREFIX = "model.encoder.vision_tower."
-_PROJECTOR_PREFIX = "model.encoder.multi_modal_projector."
 _TABLE = "embed_tokens.weight"
 
 
@@ -134,10 +130,6 @@ class Gemma3Source:
     bos_token_id: int
 
 
-def _first(x) -> int:
-    return int(x[0]) if isinstance(x, (list, tuple)) else int(x)
-
-
 def read_gemma3_config(d: dict) -> Gemma3Source:
     """Parse a Gemma 3 `config.json` (current or legacy spelling, text-only or multimodal)."""
     model_type = d.get("model_type")
@@ -163,7 +155,7 @@ def read_gemma3_config(d: dict) -> Gemma3Source:
         value = text.get(name)
         if value is None:
             value = d.get(name, default)
-        return default if value is None else _first(value)
+        return default if value is None else first_id(value)
 
     return Gemma3Source(
         model_type=model_type, text=tc,
@@ -260,10 +252,10 @@ def _source_name(hf_key: str) -> tuple[str, str]:
             for ours, theirs in _LAYER_RENAMES.items():
                 name = name.replace("." + ours, "." + theirs)
             return "text", name
-    if hf_key.startswith(_VISION_PREFIX):
-        return "vision", hf_key[len(_VISION_PREFIX):]
-    if hf_key.startswith(_PROJECTOR_PREFIX):
-        return "projector", hf_key[len(_PROJECTOR_PREFIX):]
+    if hf_key.startswith(VISION_PREFIX):
+        return "vision", hf_key[len(VISION_PREFIX):]
+    if hf_key.startswith(PROJECTOR_PREFIX):
+        return "projector", hf_key[len(PROJECTOR_PREFIX):]
     raise AssertionError(f"no Gemma 3 source for {hf_key}")
 
 
@@ -272,14 +264,13 @@ def _plan(cfg: T5Gemma2Config, source_vision: bool) -> tuple[dict[tuple, list[HF
     plan: dict[tuple, list[HFEntry]] = {}
     table = eoi = None
     for e in text_hf_entries(cfg):
-        if e.hf_key == ENCODER_PREFIX + _TABLE:
+        if e.hf_key == EMBEDDING_KEY:
             table = e
-        elif e.hf_key == ENCODER_PREFIX + "embed_tokens.eoi_embedding":
+        elif e.hf_key == EOI_KEY:
             eoi = e
         else:
             plan.setdefault(_source_name(e.hf_key), []).append(e)
     if cfg.with_vision and source_vision:
-        from t5gemma2_jax.vision import vision_hf_entries
         for e in vision_hf_entries(cfg):
             plan.setdefault(_source_name(e.hf_key), []).append(e.prefixed("vision"))
     assert table is not None and eoi is not None
@@ -331,20 +322,16 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
         raise ConfigError(f"adapt_gemma3: eoi_init='source' but eoi_token_id={cfg.eoi_token_id} is not a row of "
                           f"the source table ({V_src} rows); use eoi_init='zeros'")
 
-    abstract = nnx.eval_shape(lambda: T5Gemma2(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(abstract_state)
+    staging = HostStaging(cfg)
     plan, table_entry, eoi_entry = _plan(cfg, src.vision is not None)
 
-    staging = HostStaging(pure)
-
-    unknown, mismatched, skipped, duplicated = [], [], [], []
+    triage, skipped = KeyTriage(), []
     seen: dict[tuple, str] = {}
     table_key = lm_head_key = None
     for raw in ckpt.keys():
         name = gemma3_key(raw)
         if name is None:
-            unknown.append(raw)
+            triage.add(UNKNOWN, raw)
             continue
         part = name[0]
         if part == "lm_head":
@@ -354,38 +341,28 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
             skipped.append(raw)
             continue
         if name in seen:
-            duplicated.append(f"{seen[name]} and {raw}")
+            triage.add(DUPLICATED, f"{seen[name]} and {raw}")
             continue
         if name == ("text", _TABLE):
             seen[name] = table_key = raw
             continue
         entries = plan.get(name)
         if entries is None:
-            unknown.append(raw)
+            triage.add(UNKNOWN, raw)
             continue
         seen[name] = raw
         value = ckpt.get(raw)                          # read once, written into every tower using it
         for e in entries:
-            target = staging.target_shape(e)
             ours = e.to_ours(value)
-            if tuple(ours.shape) != target:
-                mismatched.append(f"{raw}: checkpoint {ckpt.shape(raw)} -> {tuple(ours.shape)}, model expects "
-                                  f"{target} at {'.'.join(map(str, e.path))}")
+            if not triage.check_shape(raw, ckpt.shape(raw), ours.shape, staging.target_shape(e),
+                                      ".".join(map(str, e.path))):
                 break
             staging.put(e, ours)
     if table_key is not None and ckpt.shape(table_key) != (V_src, D):
-        mismatched.append(f"{table_key}: checkpoint {ckpt.shape(table_key)}, config says ({V_src}, {D})")
-    missing = sorted(f"{part}: {n}" for part, n in plan if (part, n) not in seen)
-    if table_key is None:
-        missing.insert(0, f"text: {_TABLE}")
-    problems = []
-    for label, items in (("unknown keys", unknown), ("missing tensors", missing),
-                         ("shape mismatches", mismatched), ("tensors present twice", duplicated)):
-        if items:
-            problems.append(f"{label} ({len(items)}): {items}")
-    if problems:
-        raise CheckpointError(f"{path}: not a Gemma 3 checkpoint matching its config.json:\n  "
-                              + "\n  ".join(problems))
+        triage.add(MISMATCHED, f"{table_key}: checkpoint {ckpt.shape(table_key)}, config says ({V_src}, {D})")
+    triage.extend("missing tensors", [f"{part}: {n}" for part, n in plan if (part, n) not in seen]
+                  + ([] if table_key is not None else [f"text: {_TABLE}"]))
+    triage.raise_if_any(f"{path}: not a Gemma 3 checkpoint matching its config.json")
 
     table = ckpt.get(table_key)
     if lm_head_key is not None and not np.array_equal(ckpt.get(lm_head_key), table):
@@ -416,15 +393,7 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
         staging.buffer(eoi_entry.path)[...] = 0
     del table
 
-    staging.to_device()
-    for p, value in fresh.items():
-        set_path(pure, p, value)
-    unfilled = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]
-                if isinstance(leaf, jax.ShapeDtypeStruct)]
-    if unfilled:
-        raise AssertionError(f"adapt_gemma3: parameters left unfilled: {unfilled}")
-    nnx.replace_by_pure_dict(abstract_state, pure)
-    model = nnx.merge(graphdef, abstract_state)
+    model = staging.model(fresh)
 
     c = cfg.decoder
     info = {
@@ -444,46 +413,3 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
     }
     log.info("adapt_gemma3: %s", json.dumps(info))
     return (model, info) if return_info else model
-
-
-# ---------------------------------------------------------------------------------------------
-# Params-only Orbax export (the trainer's export layout).
-
-
-def _flat_params(model: T5Gemma2) -> dict[str, jax.Array]:
-    return {".".join(str(k) for k in p): v.get_value()
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def save_orbax(model: T5Gemma2, directory: str | os.PathLike) -> Path:
-    """Write `DIR/model_config.json` (the T5Gemma2Config) and `DIR/params/` (Orbax
-    StandardCheckpointer, every parameter under its dotted NNX path, e.g.
-    'decoder.stack.blocks.layers.0.attn.q'). `train.init_from=DIR` and `load_orbax` read it."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / ORBAX_CONFIG).write_text(json.dumps(model.config.to_dict(), indent=1))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / ORBAX_PARAMS, _flat_params(model), force=True)
-        ckptr.wait_until_finished()
-    return directory
-
-
-def load_orbax(directory: str | os.PathLike, **overrides) -> T5Gemma2:
-    """The `T5Gemma2` that `save_orbax` wrote; `overrides` set runtime config fields."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    cfg = T5Gemma2Config.from_dict(json.loads((directory / ORBAX_CONFIG).read_text()))
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    abstract = nnx.eval_shape(lambda: T5Gemma2(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    flat = list(nnx.to_flat_state(params))
-    names = [".".join(str(k) for k in p) for p, _ in flat]
-    target = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, (_, v) in zip(names, flat)}
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(directory / ORBAX_PARAMS, target)
-    params = nnx.from_flat_state([(p, v.replace(restored[n])) for n, (p, v) in zip(names, flat)])
-    return nnx.merge(graphdef, params, rest)

@@ -22,7 +22,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from t5gemma2_jax.nn.attention_ops import MaskInfo, dense_mask
+from t5gemma2_jax.nn.backends import blockwise
+from t5gemma2_jax.nn.masks import MaskInfo, dense_mask
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def _log_fallback_once(reason: str, shape: tuple) -> None:
     log.info("attention_backend=cudnn: using blockwise for q %s: %s", shape, reason)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, scale: float,
-                    block_size: int, *, implementation: str | None = "cudnn") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, scale: float,
+              block_size: int = 512, *, implementation: str | None = "cudnn") -> jax.Array:
     """Attention for the `cudnn` backend: cuDNN when it takes these inputs, blockwise otherwise.
 
     `implementation="xla"` runs the same `jax.nn.dot_product_attention` call through XLA (any
@@ -74,8 +75,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, sc
         reason = cudnn_unsupported_reason(q, k, _gpu_compute_capability())
         if reason is not None:
             _log_fallback_once(reason, tuple(q.shape))
-            from t5gemma2_jax.nn.attention_blockwise import blockwise_attention
-            return blockwise_attention(q, k, v, mask, scale, block_size)
+            return blockwise.attention(q, k, v, mask, scale, block_size)
     allowed = dense_mask(mask)[:, None, :, :]                     # [B, 1, T, S], broadcast over heads
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed, scale=scale,
                                         implementation=implementation)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from t5gemma2_jax.checkpoints.hf_mapping import HFEntry, identity, transpose
-from t5gemma2_jax.config import ConfigError, T5Gemma2Config, VisionConfig
+from t5gemma2_jax.checkpoints.hf_mapping import HFEntry, heads_bias, heads_in, heads_out, identity, transpose
+from t5gemma2_jax.config import T5Gemma2Config
 
 VISION_PREFIX = "model.encoder.vision_tower."
 LEGACY_VISION_PREFIX = "model.encoder.vision_tower.vision_model."
@@ -42,74 +42,12 @@ def legacy_vision_key(hf_key: str) -> str:
     return hf_key
 
 
-# Activations that are the tanh approximation of GELU under HF's names.
-_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
-
-
-def vision_config_from_hf(d: dict) -> VisionConfig:
-    """Our `VisionConfig` from an HF `vision_config` dict (SiglipVisionConfig.to_dict() / config.json).
-
-    HF defaults apply to missing fields (SiglipVisionConfig's defaults, not So400m's). A MAP head
-    (`vision_use_head: true`) is accepted and ignored: T5Gemma 2 never uses it."""
-    act = d.get("hidden_act", "gelu_pytorch_tanh")
-    if act not in _GELU_TANH:
-        raise ConfigError(f"vision_config.hidden_act: {act!r} is not supported (only GELU-tanh {_GELU_TANH})")
-    return VisionConfig(
-        image_size=int(d.get("image_size", 224)), patch_size=int(d.get("patch_size", 16)),
-        num_channels=int(d.get("num_channels", 3)), hidden_size=int(d.get("hidden_size", 768)),
-        intermediate_size=int(d.get("intermediate_size", 3072)),
-        num_layers=int(d.get("num_hidden_layers", 12)), num_heads=int(d.get("num_attention_heads", 12)),
-        layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
-    )
-
-
-def vision_config_to_hf(v: VisionConfig) -> dict:
-    """The HF `vision_config` dict for our `VisionConfig` (no MAP head)."""
-    return dict(model_type="siglip_vision_model", image_size=v.image_size, patch_size=v.patch_size,
-                num_channels=v.num_channels, hidden_size=v.hidden_size,
-                intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-                num_attention_heads=v.num_heads, layer_norm_eps=v.layer_norm_eps,
-                hidden_act="gelu_pytorch_tanh", attention_dropout=0.0, vision_use_head=False)
-
-
 def _conv_to_ours(w: np.ndarray) -> np.ndarray:
     return w.transpose(2, 3, 1, 0)
 
 
 def _conv_to_hf(k: np.ndarray) -> np.ndarray:
     return k.transpose(3, 2, 0, 1)
-
-
-def _heads_in(H: int, K: int):
-    """Linear [H*K, Dv] (out, in) <-> kernel [Dv, H, K]."""
-    def to_ours(w: np.ndarray) -> np.ndarray:
-        return w.T.reshape(w.shape[1], H, K)
-
-    def to_hf(k: np.ndarray) -> np.ndarray:
-        return k.reshape(k.shape[0], H * K).T
-
-    return to_ours, to_hf
-
-
-def _heads_out(H: int, K: int):
-    """Linear [Dv, H*K] (out, in) <-> kernel [H, K, Dv]."""
-    def to_ours(w: np.ndarray) -> np.ndarray:
-        return w.T.reshape(H, K, w.shape[0])
-
-    def to_hf(k: np.ndarray) -> np.ndarray:
-        return k.reshape(H * K, k.shape[-1]).T
-
-    return to_ours, to_hf
-
-
-def _heads_bias(H: int, K: int):
-    def to_ours(b: np.ndarray) -> np.ndarray:
-        return b.reshape(H, K)
-
-    def to_hf(b: np.ndarray) -> np.ndarray:
-        return b.reshape(H * K)
-
-    return to_ours, to_hf
 
 
 def vision_hf_entries(config: T5Gemma2Config) -> list[HFEntry]:
@@ -127,9 +65,9 @@ def vision_hf_entries(config: T5Gemma2Config) -> list[HFEntry]:
         HFEntry(PROJECTOR_PREFIX + "mm_input_projection_weight", ("projector", "kernel")),
         HFEntry(PROJECTOR_PREFIX + "mm_soft_emb_norm.weight", ("projector", "norm", "scale")),
     ]
-    q_in, q_hf = _heads_in(H, K)
-    o_in, o_hf = _heads_out(H, K)
-    b_in, b_hf = _heads_bias(H, K)
+    q_in, q_hf = heads_in(H, K)
+    o_in, o_hf = heads_out(H, K)
+    b_in, b_hf = heads_bias(H, K)
     per_layer: list[tuple[str, tuple, object, object]] = [
         ("layer_norm1.weight", ("norm1", "scale"), identity, identity),
         ("layer_norm1.bias", ("norm1", "bias"), identity, identity),

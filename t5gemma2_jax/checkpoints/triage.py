@@ -1,0 +1,43 @@
+"""What a checkpoint reader found wrong with a checkpoint, gathered so one error lists all of it.
+
+Readers (`load_hf`, `adapt_gemma3`, `load_export`) walk every key before failing: a user fixing a
+converted checkpoint sees every unknown, missing and mis-shaped tensor at once, not one per run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
+
+UNKNOWN, MISMATCHED, DUPLICATED = "unknown keys", "shape mismatches", "tensors present twice"
+
+
+class KeyTriage:
+    def __init__(self):
+        self.problems: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, label: str, item: str) -> None:
+        self.problems[label].append(item)
+
+    def extend(self, label: str, items) -> None:
+        for item in items:
+            self.add(label, item)
+
+    def check_shape(self, key: str, stored: tuple, converted: tuple, expected: tuple, where: str = "") -> bool:
+        """Records a mismatch unless `converted == expected`; returns whether they match."""
+        if tuple(converted) == tuple(expected):
+            return True
+        at = f" at {where}" if where else ""
+        self.add(MISMATCHED, f"{key}: checkpoint {tuple(stored)} -> {tuple(converted)}, model expects "
+                             f"{tuple(expected)}{at}")
+        return False
+
+    def raise_if_any(self, header: str) -> None:
+        def rank(label: str) -> int:
+            return {UNKNOWN: 0, MISMATCHED: 2, DUPLICATED: 3}.get(label, 1 if label.startswith("missing") else 4)
+
+        lines = [f"{label} ({len(items)}): {sorted(items) if label != MISMATCHED else items}"
+                 for label, items in sorted(self.problems.items(), key=lambda kv: rank(kv[0])) if items]
+        if lines:
+            raise CheckpointError(f"{header}:\n  " + "\n  ".join(lines))

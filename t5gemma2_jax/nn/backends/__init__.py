@@ -1,0 +1,62 @@
+"""Attention backends by name, and `attend`, the one attention function every layer calls.
+
+A backend is a module of this package with a function
+
+    attention(q [B, T, H, d], k [B, S, K, d], v [B, S, K, d], mask: MaskInfo, scale, block_size)
+        -> [B, T, H, d] in q's dtype
+
+that equals the dense reference (`dense.py`) for every mask `MaskInfo` can describe. Adding one is
+a new file here plus its line in `BACKENDS`; `register` adds one from outside the package (before
+a config naming it is built). Modules load on first use, so a backend's heavy imports (Pallas)
+cost nothing to runs that do not pick it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import jax
+
+from t5gemma2_jax.nn.masks import MaskInfo
+
+# name -> module of this package defining `attention`, or a callable (see `register`).
+BACKENDS: dict[str, str | Callable] = {
+    "dense": "dense",            # materialises the mask and the scores: the reference
+    "blockwise": "blockwise",    # online softmax over key blocks, windows visit only their blocks
+    "splash": "splash",          # Pallas splash attention (TPU) with lazy masks
+    "cudnn": "cudnn",            # jax.nn.dot_product_attention(implementation="cudnn") on GPU
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def register(name: str, attention: Callable) -> None:
+    """Make `attention_backend=name` use `attention` (same contract as the module functions)."""
+    BACKENDS[name] = attention
+
+
+def get(name: str) -> Callable:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; registered: {names()}")
+    target = BACKENDS[name]
+    if isinstance(target, str):
+        target = BACKENDS[name] = importlib.import_module(f"{__name__}.{target}").attention
+    return target
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, *, scale: float,
+           backend: str = "dense", block_size: int = 512) -> jax.Array:
+    """Multi-head attention with grouped KV heads.
+
+    q `[B, T, H, d]`, k/v `[B, S, K, d]` with H % K == 0 (query head h uses KV head h // (H/K)).
+    Returns `[B, T, H, d]` in q's dtype. Scores in the activation dtype, softmax in float32.
+    """
+    if 0 < mask.num_self_keys != q.shape[1]:
+        # Cached decoding (a few queries against a cache whose slots are not the queries'
+        # positions, e.g. a ring buffer): the other backends need query i aligned with self key i,
+        # and at T = 1 there is no [T, S] matrix worth avoiding.
+        backend = "dense"
+    return get(backend)(q, k, v, mask, scale=scale, block_size=block_size)
