@@ -232,7 +232,7 @@ class T5Gemma2Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets. Numbers from the released google/t5gemma-2-* configs (see docs/architecture.md).
+# Presets. Numbers from the released google/t5gemma-2-* configs (docs/architecture.md, "The model in brief").
 # ---------------------------------------------------------------------------------------------
 
 GEMMA3_VOCAB = 262_144

@@ -113,9 +113,7 @@ def test_the_checks_see_violations():
     assert import_cycles(loop) == ["t5gemma2_jax.nn.backends -> t5gemma2_jax.nn.masks -> t5gemma2_jax.nn.backends"]
 
 
-def test_one_image_error_and_no_script_wires_the_trainer():
-    classes = [p for p in MODULES.values() if "class ImageError" in p.read_text()]
-    assert [p.name for p in classes] == ["images.py"]
+def test_no_script_wires_the_trainer():
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     for script in scripts.glob("*.py"):
         text = script.read_text()

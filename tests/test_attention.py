@@ -134,3 +134,29 @@ def test_backend_model_generates_like_dense(backend, block):
     got, scores = tg.generate(other, ids, max_new_tokens=12, return_scores=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_allclose(np.asarray(scores), np.asarray(want_scores), atol=1e-5)
+
+
+def test_a_backend_registered_by_name_runs_every_layer():
+    """Adding a backend is one function and one registration; configs then accept its name."""
+    from t5gemma2_jax.nn import backends
+    from t5gemma2_jax.nn.backends import dense
+
+    calls = []
+
+    def counted(q, k, v, mask, scale, block_size=512):
+        calls.append(q.shape)
+        return dense.attention(q, k, v, mask, scale, block_size)
+
+    with pytest.raises(tg.ConfigError, match=r"attention_backend: 'counted' not in \('dense', 'blockwise'"):
+        tg.preset("tiny", attention_backend="counted")
+    backends.register("counted", counted)
+    try:
+        cfg = tg.preset("tiny", with_vision=False)
+        ids = jnp.asarray(np.random.default_rng(0).integers(7, 512, (1, 10)))
+        forward = nnx.jit(lambda m, x: m(x, x[:, :4]).logits)
+        want = forward(tg.T5Gemma2(cfg, rngs=nnx.Rngs(0)), ids)
+        got = forward(tg.T5Gemma2(cfg.replace(attention_backend="counted"), rngs=nnx.Rngs(0)), ids)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert len(calls) >= 4        # the scanned block traces once; the remainder layers once each
+    finally:
+        backends.BACKENDS.pop("counted")

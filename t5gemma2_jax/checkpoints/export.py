@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
+from t5gemma2_jax.checkpoints.triage import KeyTriage
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.model import T5Gemma2
@@ -79,15 +80,20 @@ def load_export_arrays(directory: str | Path, shapes: dict[str, jax.ShapeDtypeSt
     path = Path(directory).absolute() / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        have = set(tree.keys()) if isinstance(tree, dict) else set(shapes)
-        missing = sorted(set(shapes) - have)
-        if missing:
-            raise CheckpointError(f"{directory}: export lacks parameters {missing[:8]}"
-                                  f"{' ...' if len(missing) > 8 else ''}")
-        extra = {n: ocp.PLACEHOLDER for n in have - set(shapes)}
-        restored = ckptr.restore(path, {**target, **extra})
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    have = dict(tree) if isinstance(tree, dict) else {n: None for n in shapes}  # no metadata: trust it
+    triage = KeyTriage()
+    triage.extend("missing parameters", sorted(set(shapes) - set(have)))
+    for n in set(shapes) & set(have):
+        stored = tuple(getattr(have[n], "shape", shapes[n].shape))
+        triage.check_shape(n, stored, stored, shapes[n].shape)
+    triage.raise_if_any(f"{directory}: export does not match the model config")
+    # Only what is asked for is read: entries beyond it (e.g. a vision tower) stay on disk.
+    with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=bool(set(have) - set(shapes))))
     return {n: restored[n] for n in shapes}
 
 

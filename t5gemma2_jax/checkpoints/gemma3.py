@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import jax

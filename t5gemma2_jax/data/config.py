@@ -74,7 +74,7 @@ class DenoiserSpec:
 
 
 # The canonical UL2 mixture (Tay et al. 2022): two R-, four X- and one S-denoiser. The
-# T5Gemma 2 mixture is not public (architecture.md §7); these weights are our choice.
+# T5Gemma 2 mixture is not public (docs/architecture.md); these weights are our choice.
 DEFAULT_DENOISERS_SPEC = (
     "R:3:0.15:0.2,R:8:0.15:0.2,X:3:0.5:0.1,X:8:0.5:0.1,X:64:0.15:0.1,X:64:0.5:0.1,S:0.2"
 )

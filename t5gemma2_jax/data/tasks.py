@@ -31,8 +31,6 @@ class PretrainExamples(FlatMapTransform):
     """Document -> [Example | Skip] with one denoiser (`task_index`) or a per-document draw
     among all of them (`task_index=None`)."""
 
-    max_fan_out = 1 << 20  # only consulted by MapDataset.flat_map; we run on an IterDataset
-
     def __init__(self, denoisers: list[Denoiser], weights: list[float], *, seed: int,
                  task_index: int | None, long_documents: str = "split"):
         self.denoisers = denoisers
@@ -76,8 +74,6 @@ class PretrainExamples(FlatMapTransform):
 
 class SftExamples(FlatMapTransform):
     """Conversation -> [Example | Skip] (see `sft.py` for the template and truncation)."""
-
-    max_fan_out = 1 << 20
 
     def __init__(self, template: ChatTemplate, *, encoder_length: int, decoder_length: int,
                  max_images: int, turns: str, truncation: str, image_size: int):

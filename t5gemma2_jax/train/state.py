@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5gemma2_jax.checkpoints.export import flat_params, is_export, load_export_arrays, param_name, read_export_config
+from t5gemma2_jax.checkpoints.hf import load_hf
 from t5gemma2_jax.config import ConfigError, T5Gemma2Config
 from t5gemma2_jax.model import T5Gemma2
 from t5gemma2_jax.sharding import Rules, axis_rules, variable_spec
@@ -59,12 +60,6 @@ class ModelDef:
         self.frozen = {param_name(p): (p, v) for p, v in nnx.to_flat_state(fr)}
 
     # -- structure ------------------------------------------------------------------------------
-    def logical_axes(self, name: str) -> tuple:
-        _, var = self.trainable.get(name) or self.frozen[name]
-        axes = var.get_metadata().get("logical_axes")
-        shape = var.get_value().shape
-        return tuple(axes) if axes is not None else (None,) * len(shape)
-
     def shapes(self, group: str = "trainable") -> dict[str, jax.ShapeDtypeStruct]:
         vars_ = self.trainable if group == "trainable" else self.frozen
         return {n: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for n, (_, v) in vars_.items()}
@@ -210,8 +205,6 @@ def load_pretrained(path: str, model_def: ModelDef, shardings: TrainState) -> tu
         shapes = {**model_def.shapes("trainable"), **model_def.shapes("frozen")}
         arrays = load_export_arrays(path, shapes, {**shardings["params"], **shardings["frozen"]})
     else:
-        from t5gemma2_jax.checkpoints.hf import load_hf
-
         with jax.default_device(jax.devices("cpu")[0]):  # host memory, not one accelerator
             model = load_hf(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype, text_only=not cfg.with_vision,
                             scan_layers=cfg.scan_layers, remat=cfg.remat)

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from t5gemma2_jax.checkpoints.export import param_name
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.data.pipeline import batch_shapes
 from t5gemma2_jax.model import T5Gemma2
@@ -83,11 +84,10 @@ class Trainer:
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: T5Gemma2(cfg, rngs=nnx.Rngs(0))),
                                                nnx.Param, ...)
-            flat = [(p, v) for p, v in nnx.to_flat_state(params)]
-            names = [".".join(map(str, p)) for p, _ in flat]
             abstract = nnx.from_flat_state([
-                (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(self.mesh, specs[n]))))
-                for n, (p, v) in zip(names, flat)])
+                (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                   sharding=NamedSharding(self.mesh, specs[param_name(p)]))))
+                for p, v in nnx.to_flat_state(params)])
 
             def first_step(params, ids):
                 model = nnx.merge(graphdef, params, rest)

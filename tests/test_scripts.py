@@ -1,0 +1,90 @@
+"""The thin CLIs over the package: ahead-of-time compilation, the benchmark, generation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import t5gemma2_jax as tg
+from t5gemma2_jax.checkpoints.export import flat_params, save_export
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_aot_compile_on_the_local_devices(tmp_path, capsys):
+    """Without a topology the trainer's own step compiles for this machine's 8 fake devices."""
+    out = tmp_path / "aot.jsonl"
+    result = _script("aot_compile").main([
+        "--config", str(ROOT / "configs" / "tiny.yaml"), "--json", str(out), "model.scan_layers=false",
+        "data.max_images_per_row=0", "data.encoder_length=32", "data.decoder_length=16",
+        "model.encoder.num_layers=2", "model.decoder.num_layers=2"])
+    assert result["chips"] == 8 and result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert result["memory_per_chip"]["total"] > 0 and result["generate_memory_per_chip"]["total"] > 0
+    # Unscanned and dense: XLA's count is comparable to the analytic one (matmuls only); at width 64
+    # the elementwise work and the optimizer, which the analytic count leaves out, add about 10%.
+    assert result["flops_comparable"] and 1.0 < result["compiled_flops_per_chip"] / result["expected_flops_per_chip"] < 1.25
+    assert json.loads(out.read_text().splitlines()[-1])["compile_seconds"] == result["compile_seconds"]
+    assert "x the analytic count" in capsys.readouterr().out
+
+
+def test_benchmark_times_the_trainers_step(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    result = _script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",
+                                        "--steps", "1", "--new-tokens", "4", "--json", str(out)])
+    assert result["train_step_s"] > 0 and result["generate_s"] > 0 and result["train_tflops"] > 0
+    assert json.loads(out.read_text())["preset"] == "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export")
+    model = tg.T5Gemma2(tg.preset("tiny", with_vision=False), rngs=nnx.Rngs(0))
+    save_export(path, model.config, flat_params(model))
+    return path
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_generate_from_an_export(tiny_export, capsys, method):
+    text = _script("generate").main(["--checkpoint", str(tiny_export), "--prompt", "a red circle",
+                                     "--mode", "[S2S]", "--max-new-tokens", "5", "--method", method])
+    assert isinstance(text, str) and text.strip() in capsys.readouterr().out
+
+
+def test_generate_names_a_bad_mode(tiny_export):
+    with pytest.raises(SystemExit, match=r"--mode: '\[XYZ\]' is not a mode token"):
+        _script("generate").main(["--checkpoint", str(tiny_export), "--prompt", "x", "--mode", "[XYZ]"])
+    with pytest.raises(SystemExit, match="no params export found"):
+        _script("generate").main(["--checkpoint", str(tiny_export.parent), "--prompt", "x"])
+
+
+def test_prompts_are_laid_out_like_the_training_data():
+    from t5gemma2_jax.data import load_tokenizer, DataConfig
+    from t5gemma2_jax.data.prompts import encode_prompt, pad_prompts
+    from t5gemma2_jax.data.sft import ChatTemplate
+
+    tok = load_tokenizer(DataConfig())
+    s = tok.special
+    plain = encode_prompt(tok, "a red circle", mode="[S2S]")
+    np.testing.assert_array_equal(plain, np.concatenate([[s.bos, s.modes["[S2S]"]], tok.encode("a red circle")]))
+    chat = encode_prompt(tok, "hi <start_of_image> there", images=1, mm_tokens_per_image=4, chat=True)
+    t = ChatTemplate(tok)
+    body = np.concatenate([tok.encode("hi "), tok.image_block(4), tok.encode(" there")])
+    np.testing.assert_array_equal(chat, np.concatenate([[s.bos], t.render_turn("user", body), t.generation_prompt]))
+    first = encode_prompt(tok, "x", images=2, mm_tokens_per_image=4)      # unmarked images come first
+    assert (first == s.image).sum() == 8 and first[1] == tok.image_block(4)[0]
+    with pytest.raises(tg.ConfigError, match="1 <start_of_image> markers but 2 images"):
+        encode_prompt(tok, "a <start_of_image>", images=2, mm_tokens_per_image=4)
+    ids, mask = pad_prompts([plain, first])
+    assert ids.shape == mask.shape == (2, max(len(plain), len(first))) and mask.sum() == len(plain) + len(first)
