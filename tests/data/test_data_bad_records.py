@@ -20,12 +20,12 @@ def _write(path, lines):
 
 
 def _read_all(tmp_path, lines):
-    """Every batch of `lines` as one eval pass (images on, nothing fatal), and the counters."""
+    """The config of one eval pass over `lines` (images on, nothing fatal), its batches and counters."""
     cfg = DataConfig(eval=_write(tmp_path / "data.jsonl", lines), train="unused", batch_size=2,
                      encoder_length=96, decoder_length=48, max_images_per_row=2, image_size=8,
                      mm_tokens_per_image=4, ul2_denoisers="R:3:0.15:1", max_bad_fraction=1.0)
     pipe = make_pipeline(cfg, "eval")
-    return list(pipe), pipe.stats()
+    return cfg, list(pipe), pipe.stats()
 
 
 def test_every_reason_is_counted(tmp_path):
@@ -52,7 +52,7 @@ def test_every_reason_is_counted(tmp_path):
         {"text": "a sentinel <unused3> in text"},                 # reserved_token
         "",                                                       # blank: not a record
     ]
-    batches, stats = _read_all(tmp_path, lines)
+    cfg, batches, stats = _read_all(tmp_path, lines)
     assert stats["records_seen"] == 17 and stats["examples"] == 2
     expected = {"malformed_json": 2, "bad_schema": 3, "unknown_field": 1, "empty_text": 1,
                 "too_short": 1, "missing_image": 1, "corrupt_image": 2, "image_marker_mismatch": 1,
@@ -90,7 +90,7 @@ def test_a_decompression_bomb_is_a_counted_skip(tmp_path):
         {"text": "a bomb inline, next to a good image.", "images": [good, bomb_uri]},
         {"text": "a fine line after.", "images": [good]},
     ]
-    batches, stats = _read_all(tmp_path, lines)
+    cfg, batches, stats = _read_all(tmp_path, lines)
     assert stats["records_seen"] == 5 and stats["examples"] == 3
     assert stats["skipped/corrupt_image"] == 2
     assert sum(stats[f"skipped/{r}"] for r in SKIP_REASONS) == 2
