@@ -5,17 +5,19 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed-test
+# The tested versions of every dependency (see the file's header).
+PIN    := -c constraints.txt
 
 .PHONY: install demo test test-slow test-all clean
 
-$(BASE): pyproject.toml
+$(BASE): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q $(PIN) -e .
 	touch $(BASE)
 
 $(STAMP): $(BASE)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q $(PIN) -e '.[test]'
 	touch $(STAMP)
 
 install: $(BASE)

@@ -9,6 +9,8 @@ every variant). "Saving" is the reduction the released choice gives over the var
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 
 import t5gemma2_jax as tg
@@ -42,4 +44,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from t5gemma2_jax import cli
+
+    sys.exit(cli.run(main))

@@ -45,7 +45,14 @@ def _size(text: str) -> int:
     return int(t)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The command line: exit status 0, or `error: ...` and 2 for a missing or malformed source."""
+    from t5gemma2_jax import cli
+
+    return cli.run(lambda: adapt(argv))
+
+
+def adapt(argv=None):
     """Run the adaptation; returns the adapted model (handy from Python and in tests)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gemma3", required=True, help="Hugging Face Gemma 3 checkpoint directory")
@@ -83,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -94,5 +94,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    r = main()
-    sys.exit(0 if r["fits"] else 1)
+    from t5gemma2_jax import cli
+
+    sys.exit(cli.run(lambda: 0 if main()["fits"] else 1))   # 1: compiled, but does not fit the chip

@@ -182,4 +182,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    from t5gemma2_jax import cli
+
+    sys.exit(cli.run(lambda: 0 if main() else 1))

@@ -10,6 +10,8 @@ Dense is skipped where its [T, T] score matrix would not fit `--dense-limit-gib`
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 import time
@@ -86,4 +88,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from t5gemma2_jax import cli
+
+    sys.exit(cli.run(main))

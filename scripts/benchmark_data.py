@@ -81,4 +81,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":  # required: Grain worker processes re-import the main module
-    main()
+    from t5gemma2_jax import cli
+
+    sys.exit(cli.run(main))

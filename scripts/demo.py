@@ -13,6 +13,8 @@ complete, goes straight to generation.
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 import logging
@@ -73,4 +75,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from t5gemma2_jax import cli
+
+    sys.exit(cli.run(main))

@@ -26,6 +26,7 @@ def _load_model(a, with_images: bool):
     import jax.numpy as jnp
 
     import t5gemma2_jax as tg
+    from t5gemma2_jax.configlib import ConfigError
 
     dtype = jnp.dtype(a.dtype)
     if a.hf:
@@ -35,29 +36,36 @@ def _load_model(a, with_images: bool):
     root = Path(a.checkpoint)
     export = root / "export" if (root / "export").is_dir() else root
     if not export.is_dir():
-        raise SystemExit(f"--checkpoint {root}: not a directory")
+        raise ConfigError(f"--checkpoint {root}: not a directory")
     if not (export / CONFIG_FILE).exists():
-        raise SystemExit(f"--checkpoint {root}: no params export found (expected {export}/{CONFIG_FILE}; "
+        raise ConfigError(f"--checkpoint {root}: no params export found (expected {export}/{CONFIG_FILE}; "
                          "scripts/train.py writes it at the end of a run)")
     return load_export(export, dtype=dtype.name), root
 
 
 def _tokenizer(a, workdir, vocab_size: int):
-    from t5gemma2_jax.data import Tokenizer, tiny_tokenizer_path
+    from t5gemma2_jax.configlib import ConfigError
+    from t5gemma2_jax.data import DataConfig, Tokenizer, load_tokenizer, tiny_tokenizer_path
 
     if a.tokenizer:
-        return Tokenizer(a.tokenizer)
+        return load_tokenizer(DataConfig(tokenizer=a.tokenizer))
     if workdir is not None and (workdir / "config.yaml").exists():
-        from t5gemma2_jax.data import load_tokenizer
         from t5gemma2_jax.train.config import load_config
 
         return load_tokenizer(load_config(workdir / "config.yaml").data)
     if vocab_size == 512:
         return Tokenizer(tiny_tokenizer_path())
-    raise SystemExit("pass --tokenizer PATH (the model's SentencePiece tokenizer.model)")
+    raise ConfigError("--tokenizer: pass the model's SentencePiece tokenizer.model")
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> int:
+    """The command line: the generated text on stdout, or `error: ...` and exit status 2."""
+    from t5gemma2_jax import cli
+
+    return cli.run(lambda: generate_text(argv))
+
+
+def generate_text(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a training workdir or its export/ folder")
@@ -91,12 +99,12 @@ def main(argv=None) -> str:
         try:
             pixels = np.stack([preprocess_image(load_image(path), cfg.vision.image_size) for path in a.image])
         except ImageError as e:
-            raise SystemExit(f"--image: {e}") from None
+            raise ImageError(f"--image: {e}", e.reason) from None
     try:
         ids = encode_prompt(tok, a.prompt, images=len(a.image), mm_tokens_per_image=cfg.mm_tokens_per_image,
                             chat=a.chat, mode=a.mode)[None]
     except ConfigError as e:
-        raise SystemExit(f"--{e}") from None
+        raise ConfigError(f"--{e}") from None
     out: list[int] = []
     if a.method == "beam":
         tokens = np.asarray(tg.generate(model, ids, pixel_values=pixels, max_new_tokens=a.max_new_tokens,
@@ -122,4 +130,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

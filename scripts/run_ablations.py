@@ -10,6 +10,8 @@ block between the `ablation-results` markers in the doc. Reruns resume finished 
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import logging
 import os
@@ -67,4 +69,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from t5gemma2_jax import cli
+
+    sys.exit(cli.run(main))

@@ -6,8 +6,10 @@
 Overrides are dotted keys of the config (`train.steps=200 mesh.fsdp=4 optim.learning_rate=1e-4
 model.remat=full data.batch_size=64`). Rerunning the same command resumes from the last complete
 checkpoint in WORKDIR/checkpoints. Everything is validated before anything is compiled; a bad
-config or a config that does not fit the machine exits with status 2 and a message naming the
-problem. `--check` stops after validation. A SIGTERM saves a checkpoint and exits with status 143.
+config, a config that does not fit the machine, missing data or a checkpoint that cannot be read
+or written exits with status 2 and one line naming the problem. `--check` stops after validation
+(data files included). SIGTERM and Ctrl-C save a checkpoint and exit with status 143 and 130; a run
+that keeps producing non-finite losses stops with status 3, its checkpoints as they were.
 
 Fake CPU devices for trying meshes on one machine: `--cpu_devices 8` (or
 XLA_FLAGS=--xla_force_host_platform_device_count=8).
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 
 def parse_args(argv):
@@ -43,26 +44,59 @@ def main(argv=None) -> int:
     if args.cpu_devices:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    from t5gemma2_jax.config import ConfigError
-    from t5gemma2_jax.train import SetupError, load_config, maybe_initialize_distributed, prepare, train
+    from t5gemma2_jax import cli
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        maybe_initialize_distributed(cfg.train.distributed)
-        workdir, trainer = prepare(cfg, args.workdir)
-    except (ConfigError, SetupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _run(args))
+
+
+def _run(args) -> int:
+    from t5gemma2_jax.train import load_config, maybe_initialize_distributed, prepare, train
+
+    cfg = load_config(args.config, args.overrides)
+    maybe_initialize_distributed(cfg.train.distributed)
+    workdir, trainer = prepare(cfg, args.workdir)
     if args.check:
         mesh = trainer.mesh
         print(f"ok: mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} "
               f"devices, global batch {cfg.data.batch_size}, workdir {workdir}")
         return 0
-    summary = train(cfg, Path(args.workdir))
-    if summary["preempted"]:
-        print(f"stopped at step {summary['step']} on SIGTERM; rerun the same command to resume", file=sys.stderr)
-        return 143
+    summary = train(cfg, workdir)
+    print(closing_summary(summary), file=sys.stderr)
+    stopped = summary.get("stopped_by")
+    if stopped == "divergence":
+        return DIVERGED
+    if stopped is not None:
+        return 130 if stopped == "SIGINT" else 143
     return 0
+
+
+DIVERGED = 3
+
+
+def closing_summary(s: dict) -> str:
+    """What a run did, in a few lines: how far it got, the losses, the data it skipped, where its
+    checkpoints and export are, and how it stopped."""
+    if "wall_time_s" not in s:
+        return f"already complete at step {s['step']}; nothing to do"
+    lines = [f"steps {s['start_step']} -> {s['step']} in {s['wall_time_s']:.0f} s"
+             + (f"; train loss {s['loss']:.4f}" if "loss" in s else "")
+             + (f"; eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else "")]
+    stats = s.get("data_stats") or {}
+    if "records_seen" in stats:
+        lines.append(f"data: {stats['examples']} examples from {stats['records_seen']} records; "
+                     + s.get("skip_summary", ""))
+    if s.get("nonfinite_steps"):
+        lines.append(f"non-finite steps not applied: {s['nonfinite_steps']}")
+    lines.append(f"checkpoints: {s['checkpoints']} (latest step {s['last_checkpoint']})"
+                 + (f"; export: {s['export']}" if "export" in s else ""))
+    stopped = s.get("stopped_by")
+    if stopped == "divergence":
+        lines.append(f"error: stopped: the loss or gradient was not finite for {s.get('nonfinite_steps')} steps "
+                     f"(last applied step {s.get('last_applied_step')}); lower optim.learning_rate or set "
+                     "optim.clip_norm, then rerun to resume from the latest checkpoint")
+    elif stopped is not None:
+        lines.append(f"stopped at step {s['step']} on {stopped}; rerun the same command to resume")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -52,4 +52,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from t5gemma2_jax import cli
+
+    sys.exit(cli.run(main))

@@ -191,7 +191,7 @@ def test_script_hf_and_orbax_exports(src_4b, tmp_path):
     _, lm, path = src_4b
     script = _script()
     args = ["--gemma3", str(path), "--vocab-size", "68", "--image-token-id", "66", "--rope-global-factor", "4"]
-    script.main(args + ["--out", str(tmp_path / "hf"), "--format", "hf"])
+    script.adapt(args + ["--out", str(tmp_path / "hf"), "--format", "hf"])
     back = T5Gemma2ForConditionalGeneration.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     assert back.config.decoder.rope_parameters[FULL]["factor"] == 4.0
     assert json.loads((tmp_path / "hf" / "adaptation.json").read_text())["vision"] == "copied"
@@ -207,7 +207,7 @@ def test_script_hf_and_orbax_exports(src_4b, tmp_path):
                    decoder_input_ids=torch.as_tensor(ids), decoder_attention_mask=torch.as_tensor(mask)).logits.numpy()
     np.testing.assert_allclose(out, _gemma3_logits(lm4, ids, mask)[..., :68], atol=1e-4, rtol=0)
 
-    written = script.main(args + ["--out", str(tmp_path / "orbax"), "--format", "orbax"])
+    written = script.adapt(args + ["--out", str(tmp_path / "orbax"), "--format", "orbax"])
     assert (tmp_path / "orbax" / "model_config.json").exists() and (tmp_path / "orbax" / "params").is_dir()
     restored = load_export(tmp_path / "orbax")
     assert restored.config == written.config and restored.config.decoder.rope_global_factor == 4.0

@@ -113,6 +113,18 @@ def test_tied_copies_present_or_absent(hf_dir, tmp_path):
         tg.load_hf(untied, text_only=True)
 
 
+def test_tied_copies_are_compared_block_by_block(hf_dir, tmp_path, monkeypatch):
+    from t5gemma2_jax.checkpoints import hf as hf_module
+    monkeypatch.setattr(hf_module, "_TIED_CHUNK_BYTES", 1)          # one row at a time
+    _, path = hf_dir
+    table = np.array(SafetensorsFile(path / "model.safetensors").get("model.encoder.embed_tokens.weight"))
+    tg.load_hf(_rewrite(path, tmp_path / "same", extra={"lm_head.out_proj.weight": table}), text_only=True)
+    last_row = table.copy()
+    last_row[-1, -1] += 1
+    with pytest.raises(CheckpointError, match="lm_head.out_proj.weight differs"):
+        tg.load_hf(_rewrite(path, tmp_path / "last", extra={"lm_head.out_proj.weight": last_row}), text_only=True)
+
+
 def test_unknown_missing_and_mismatched_keys_are_listed(hf_dir, tmp_path):
     _, path = hf_dir
     extra = _rewrite(path, tmp_path / "extra", extra={"model.encoder.layers.0.mlp.bias": np.zeros(3, np.float32)})

@@ -57,16 +57,19 @@ def tiny_export(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_generate_from_an_export(tiny_export, capsys, method):
-    text = _script("generate").main(["--checkpoint", str(tiny_export), "--prompt", "a red circle",
+    text = _script("generate").generate_text(["--checkpoint", str(tiny_export), "--prompt", "a red circle",
                                      "--mode", "[S2S]", "--max-new-tokens", "5", "--method", method])
     assert isinstance(text, str) and text.strip() in capsys.readouterr().out
 
 
-def test_generate_names_a_bad_mode(tiny_export):
-    with pytest.raises(SystemExit, match=r"--mode: '\[XYZ\]' is not a mode token"):
-        _script("generate").main(["--checkpoint", str(tiny_export), "--prompt", "x", "--mode", "[XYZ]"])
-    with pytest.raises(SystemExit, match="no params export found"):
-        _script("generate").main(["--checkpoint", str(tiny_export.parent), "--prompt", "x"])
+def test_generate_names_bad_input_on_one_line(tiny_export, capsys):
+    generate = _script("generate")
+    assert generate.main(["--checkpoint", str(tiny_export), "--prompt", "x", "--mode", "[XYZ]"]) == 2
+    assert capsys.readouterr().err == "error: --mode: '[XYZ]' is not a mode token of this tokenizer " \
+                                      "(['[NLG]', '[NLU]', '[S2S]'])\n"
+    assert generate.main(["--checkpoint", str(tiny_export.parent), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --checkpoint") and "no params export found" in err and err.count("\n") == 1
 
 
 def test_prompts_are_laid_out_like_the_training_data():

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5gemma2_jax.checkpoints.hf import read_hf_config
+from t5gemma2_jax.checkpoints.hf import read_hf_config, same_tensor
 from t5gemma2_jax.checkpoints.hf_config import first_id, text_config_from_hf, vision_config_from_hf
 from t5gemma2_jax.checkpoints.hf_mapping import HFEntry
 from t5gemma2_jax.checkpoints.hf_text import DECODER_PREFIX, EMBEDDING_KEY, ENCODER_PREFIX, EOI_KEY, text_hf_entries
@@ -342,14 +342,18 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
         if name in seen:
             triage.add(DUPLICATED, f"{seen[name]} and {raw}")
             continue
+        param_dtype = jnp.dtype(cfg.param_dtype)
         if name == ("text", _TABLE):
             seen[name] = table_key = raw
+            triage.check_dtype(ckpt, raw, param_dtype)
             continue
         entries = plan.get(name)
         if entries is None:
             triage.add(UNKNOWN, raw)
             continue
         seen[name] = raw
+        if not triage.check_dtype(ckpt, raw, param_dtype):
+            continue
         value = ckpt.get(raw)                          # read once, written into every tower using it
         for e in entries:
             ours = e.to_ours(value)
@@ -363,10 +367,10 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
                   + ([] if table_key is not None else [f"text: {_TABLE}"]))
     triage.raise_if_any(f"{path}: not a Gemma 3 checkpoint matching its config.json")
 
-    table = ckpt.get(table_key)
-    if lm_head_key is not None and not np.array_equal(ckpt.get(lm_head_key), table):
+    if lm_head_key is not None and not same_tensor(ckpt, lm_head_key, table_key):
         raise CheckpointError(f"{path}: {lm_head_key} differs from {table_key}; T5Gemma 2 ties the LM head to "
                               "the single shared embedding table")
+    table = ckpt.get(table_key)
 
     # What the source lacks comes from the model's own initialisers.
     fresh_paths = []

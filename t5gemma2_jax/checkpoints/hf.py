@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -25,7 +27,8 @@ from t5gemma2_jax.checkpoints.hf_config import config_from_hf, config_to_hf
 from t5gemma2_jax.checkpoints.hf_mapping import HFEntry
 from t5gemma2_jax.checkpoints.hf_text import EMBEDDING_KEY, EOI_KEY, ENCODER_PREFIX, text_hf_entries
 from t5gemma2_jax.checkpoints.hf_vision import PROJECTOR_PREFIX, VISION_PREFIX, normalize_vision_key, vision_hf_entries
-from t5gemma2_jax.checkpoints.safetensors_io import CheckpointDir, CheckpointError, split_shards, write_safetensors
+from t5gemma2_jax.checkpoints.safetensors_io import (INDEX_NAME, CheckpointDir, CheckpointError, split_shards,
+                                                    write_safetensors)
 from t5gemma2_jax.checkpoints.staging import HostStaging, get_path
 from t5gemma2_jax.checkpoints.triage import UNKNOWN, KeyTriage
 from t5gemma2_jax.config import T5Gemma2Config
@@ -39,6 +42,8 @@ TIED_KEYS = {
     "lm_head.out_proj.weight": EMBEDDING_KEY,
 }
 _FLAT_ENCODER = re.compile(r"^model\.encoder\.(embed_tokens|layers|norm)\.")
+MANIFEST = "t5gemma2_jax_save.json"
+_TIED_CHUNK_BYTES = 64 * 2**20
 
 
 def hf_entries(cfg: T5Gemma2Config) -> list[HFEntry]:
@@ -81,6 +86,21 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
 
 
+def same_tensor(ckpt: CheckpointDir, a: str, b: str) -> bool:
+    """Compares two stored tensors a block of rows at a time: tied copies are the size of the
+    embedding table, and two whole copies on the host next to the staged model would double the
+    table's share of peak memory."""
+    shape = ckpt.shape(a)
+    if shape != ckpt.shape(b):
+        return False
+    if not shape:
+        return bool(np.array_equal(ckpt.get(a), ckpt.get(b)))
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * 8)
+    step = max(1, _TIED_CHUNK_BYTES // row_bytes)
+    return all(np.array_equal(ckpt.get_rows(a, i, i + step), ckpt.get_rows(b, i, i + step))
+               for i in range(0, shape[0], step))
+
+
 def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False, *,
             param_dtype=None, **config_overrides) -> T5Gemma2:
     """Build a `T5Gemma2` from a Hugging Face checkpoint directory.
@@ -103,7 +123,9 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
     triage, skipped_vision, tied = KeyTriage(), [], []
     for canon, raw_key in keys.items():
         if canon in TIED_KEYS:
-            tied.append((canon, raw_key))
+            target = get_path(staging.pure, entries[TIED_KEYS[canon]].path).dtype
+            if triage.check_dtype(ckpt, raw_key, target):
+                tied.append((canon, raw_key))
             continue
         if canon not in entries:
             if _is_vision(canon) and (text_only or canon.startswith(VISION_PREFIX + "head.")):
@@ -112,6 +134,8 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
                 triage.add(UNKNOWN, raw_key)
             continue
         entry = entries[canon]
+        if not triage.check_dtype(ckpt, raw_key, get_path(staging.pure, entry.path).dtype):
+            continue
         value = entry.to_ours(ckpt.get(raw_key))
         if triage.check_shape(raw_key, ckpt.shape(raw_key), value.shape, staging.target_shape(entry)):
             staging.put(entry, value)
@@ -119,7 +143,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
     triage.raise_if_any(f"{path}: checkpoint does not match the model config")
     for canon, raw_key in tied:
         source = TIED_KEYS[canon]
-        if not np.array_equal(ckpt.get(raw_key), ckpt.get(keys[source])):
+        if not same_tensor(ckpt, raw_key, keys[source]):
             raise CheckpointError(f"{path}: {raw_key} differs from {source}; T5Gemma 2 ties them and "
                                   "this implementation has a single shared table")
     if skipped_vision:
@@ -127,15 +151,70 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
     return staging.model()
 
 
+def _is_clobbered(name: str) -> bool:
+    """Files a save writes or removes; anything else in the directory (a tokenizer, a README) is
+    left alone and never blocks a save."""
+    return name.endswith(".safetensors") or name in ("config.json", INDEX_NAME, MANIFEST)
+
+
+def _read_manifest(path: Path) -> list[str] | None:
+    try:
+        raw = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, str) and f == Path(f).name for f in files):
+        return None
+    return files
+
+
+def _previous_save(path: Path) -> tuple[list[str], list[str]]:
+    """(files an earlier `save_hf` left in `path`, files there a save would overwrite or remove that
+    no `save_hf` wrote). Ownership is what the manifest lists: without one, weights or a config
+    may be a user's or transformers' own, which a save must not destroy."""
+    if not path.exists():
+        return [], []
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    manifest = _read_manifest(path) if (path / MANIFEST).exists() else []
+    ours, foreign = [], []
+    for name in sorted(os.listdir(path)):
+        if not _is_clobbered(name):
+            continue
+        entry = path / name
+        if manifest is not None and (name == MANIFEST or (name in manifest and entry.is_file()
+                                                          and not entry.is_symlink())):
+            ours.append(name)
+        else:
+            foreign.append(name + (" (unreadable)" if name == MANIFEST else ""))
+    return ours, foreign
+
+
+def _write_manifest(path: Path, files) -> None:
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"written_by": "t5gemma2_jax.save_hf", "files": sorted(set(files))}, indent=2))
+    os.replace(tmp, path / MANIFEST)
+
+
 def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30) -> None:
     """Write `model` as a directory `T5Gemma2ForConditionalGeneration.from_pretrained` loads.
 
     Tensors keep the parameter dtype. Tied copies are not written (transformers re-ties them).
     A model without its vision tower writes none (transformers then initialises it afresh).
+
+    Every file is written in full into a temporary sibling directory first and only then renamed
+    into `path` (the same file system, so each rename is atomic), after which the previous save's
+    files that the new one does not replace are removed: a save interrupted while writing, which
+    is nearly all of its time, leaves the previous checkpoint as it was. Only a crash between the
+    final renames can leave old and new files mixed; the manifest lists both meanwhile, so saving
+    again repairs the directory.
+
+    `path` must be new, empty, or an earlier `save_hf`'s (its manifest, `t5gemma2_jax_save.json`,
+    lists the files it wrote): weights, an index or a config.json that no save wrote are refused
+    before anything is written. Other files (a tokenizer, a README) stay untouched.
     """
     cfg: T5Gemma2Config = model.config
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = []
     for e in hf_entries(cfg):
@@ -148,20 +227,37 @@ def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5
             return e.to_hf(host)
 
         tensors.append((hub_key(e.hf_key), shape, np.dtype(arr.dtype), produce))
-    for old in path.glob("*.safetensors"):
-        old.unlink()
-    (path / "model.safetensors.index.json").unlink(missing_ok=True)
     shards = list(split_shards(tensors, max_shard_size))
-    if len(shards) == 1:
-        write_safetensors(path / "model.safetensors", shards[0])
-    else:
-        weight_map = {}
-        for n, shard in enumerate(shards, 1):
-            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(path / name, shard)
-            weight_map.update({t[0]: name for t in shard})
-        total = sum(int(np.prod(t[1])) * np.dtype(t[2]).itemsize for t in tensors)
-        (path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    param_dtype = jnp.dtype(cfg.param_dtype).name
-    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, param_dtype), indent=2))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
+
+    previous, foreign = _previous_save(path)
+    if foreign:
+        raise CheckpointError(f"{path}: save_hf would overwrite or remove {', '.join(foreign)}, which no earlier "
+                              "save_hf wrote there; save into another directory or remove them first")
+    home = path.resolve()                          # a sibling of the real directory: renames must not cross devices
+    home.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{home.name}.", suffix=".saving", dir=home.parent))
+    try:
+        for name, shard in zip(names, shards):
+            write_safetensors(staging / name, shard)
+        if len(shards) > 1:
+            weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
+            total = sum(int(np.prod(t[1])) * np.dtype(t[2]).itemsize for t in tensors)
+            (staging / INDEX_NAME).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        param_dtype = jnp.dtype(cfg.param_dtype).name
+        (staging / "config.json").write_text(json.dumps(config_to_hf(cfg, param_dtype), indent=2))
+        written = names + ([INDEX_NAME] if len(shards) > 1 else []) + ["config.json"]
+
+        path.mkdir(exist_ok=True)
+        # While files move, old and new are both ours: a crash here must not lock the user out.
+        _write_manifest(path, [*previous, *written])
+        for name in written:                       # weights, then the index that points at them, then config
+            os.replace(staging / name, path / name)
+        stale = [n for n in previous if n not in written and n != MANIFEST]
+        for name in sorted(stale, key=lambda n: n != INDEX_NAME):   # an index to old shards goes first
+            (path / name).unlink(missing_ok=True)
+        _write_manifest(path, written)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
+import jax.numpy as jnp
+import numpy as np
+
+from t5gemma2_jax.checkpoints.safetensors_io import FLOATING, CheckpointDir, CheckpointError
 
 UNKNOWN, MISMATCHED, DUPLICATED = "unknown keys", "shape mismatches", "tensors present twice"
+DTYPE_MISMATCHES = "dtype mismatches"
 
 
 class KeyTriage:
@@ -33,9 +37,24 @@ class KeyTriage:
                              f"{tuple(expected)}{at}")
         return False
 
+    def check_dtype(self, ckpt: CheckpointDir, key: str, target) -> bool:
+        """Records a mismatch unless the stored dtype may be converted into the parameter's.
+
+        Between floating types a conversion is a rounding (a bf16 checkpoint into an fp32 model).
+        From anything else it would turn bit patterns into numbers: a header declaring I32 over
+        what is really F32 data would load without error as garbage weights, so it is refused.
+        """
+        stored, target = ckpt.dtype(key), np.dtype(target)
+        if not jnp.issubdtype(target, jnp.floating) or stored in FLOATING:  # numpy does not count bf16
+            return True
+        self.add(DTYPE_MISMATCHES, f"{key}: stored as {stored} in {ckpt.file(key).name}, expected a floating "
+                                   f"type (F32, F16, BF16 or F64) for a {target.name} parameter")
+        return False
+
     def raise_if_any(self, header: str) -> None:
         def rank(label: str) -> int:
-            return {UNKNOWN: 0, MISMATCHED: 2, DUPLICATED: 3}.get(label, 1 if label.startswith("missing") else 4)
+            return {UNKNOWN: 0, MISMATCHED: 2, DTYPE_MISMATCHES: 2, DUPLICATED: 3}.get(
+                label, 1 if label.startswith("missing") else 4)
 
         lines = [f"{label} ({len(items)}): {sorted(items) if label != MISMATCHED else items}"
                  for label, items in sorted(self.problems.items(), key=lambda kv: rank(kv[0])) if items]

@@ -10,18 +10,20 @@ exactly the data the trainer consumed, and they are saved and restored with the 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 log = logging.getLogger("t5gemma2_jax.data")
-_LOGGED: Counter = Counter()  # per process: only the first few skips of each reason are logged
-LOG_LIMIT = 5
+LOG_LIMIT = 5  # logged skips per reason and process; the rest are only counted
 
-# Why a record (or one example made from it) was dropped. The order fixes the vector layout.
+# Why a record (or one example made from it) was dropped. The order fixes the vector layout,
+# which is saved in checkpoints: append new reasons at the end, never reorder or remove.
 SKIP_REASONS: tuple[str, ...] = (
-    "malformed_json",  # not valid UTF-8 JSON
+    "malformed_json",  # not valid UTF-8 JSON, nested too deeply to parse, or non-Unicode text
     "bad_schema",  # not an object, wrong field types, bad roles, no text field
     "unknown_field",  # a field the schema does not know (with data.unknown_fields=skip)
     "empty_text",  # nothing to learn from: empty text or empty model response
@@ -33,6 +35,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "too_long",  # longer than the encoder/decoder limits after the configured policy
     "reserved_token",  # the text encodes to a sentinel/mode/image/turn id (ambiguous targets)
     "no_response",  # an SFT conversation without a model turn
+    "parse_error",  # any other failure while reading or processing one record (a bug or a
+                    # library's limit that one record hits; the message names the exception)
 )
 
 # Other counters (not skips). `records_seen` is the denominator of the bad fraction.
@@ -109,12 +113,91 @@ class Skip:
 
 def make_skip(reason: str, origin: str, message: str, *, records: int = 1,
               counts: np.ndarray | None = None) -> Skip:
-    """A `Skip` for `reason` (logged with its origin for the first few of each reason).
+    """A `Skip` for `reason`, logged with its origin (see `SkipLog`).
 
     `records=1` when a whole raw record is dropped, 0 for one example made from a record;
     `counts` are added (e.g. the record's own counts)."""
-    if _LOGGED[reason] < LOG_LIMIT:
-        _LOGGED[reason] += 1
-        log.warning("skipping %s (skipped/%s): %s", origin, reason, message)
+    _SKIP_LOG.note(reason, origin, message)
     d = skip_delta(reason, records=records)
     return Skip(d if counts is None else d + counts, origin, message)
+
+
+def error_skip(origin: str, error: BaseException, *, records: int = 1,
+               counts: np.ndarray | None = None) -> Skip:
+    """A `parse_error` skip for an exception nobody anticipated, so that one record that trips
+    a bug or a library limit costs that record, not the run. The message keeps the exception's
+    type, which is what tells a data problem from a code problem."""
+    return make_skip("parse_error", origin, f"{type(error).__name__}: {error}",
+                     records=records, counts=counts)
+
+
+def origin_file(origin: str) -> str:
+    """The file part of a `file:line` origin (file names may contain ':')."""
+    return origin.rpartition(":")[0]
+
+
+class SkipLog:
+    """Which skips this process has logged, and where each reason was first seen.
+
+    The same record is parsed several times in one process (once per UL2 task in training,
+    again at every evaluation, again every epoch), so logging each skip would repeat the same
+    lines; an origin is logged once, at most `LOG_LIMIT` origins per reason, and a reason that
+    reaches its limit says once that the rest are only counted. The first origin of each reason
+    per file feeds `DataPipeline.skip_summary`; it is kept per file so that a pipeline names
+    only its own files when train and eval pipelines share the process. All of it is
+    process-local (Grain workers keep their own) and is not checkpointed: the counters are the
+    record, this is only a pointer to an example. Several task pipelines parse in their own
+    threads, hence the lock (held while logging, so a reason's lines come out in order).
+    """
+
+    def __init__(self):
+        self._new_lock()
+        self.reset()
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._logged_origins: set[str] = set()
+            self._logged: Counter = Counter()
+            self._capped: set[str] = set()
+            self._first: dict[str, dict[str, str]] = {}  # reason -> {file: first origin}
+
+    def note(self, reason: str, origin: str, message: str) -> None:
+        with self._lock:
+            self._first.setdefault(reason, {}).setdefault(origin_file(origin), origin)
+            if origin in self._logged_origins:
+                return
+            if self._logged[reason] < LOG_LIMIT:
+                self._logged[reason] += 1
+                self._logged_origins.add(origin)
+                log.warning("skipping %s (skipped/%s): %s", origin, reason, message)
+            elif reason not in self._capped:
+                self._capped.add(reason)
+                log.warning("%d skipped/%s records were logged; further ones in this process "
+                            "are only counted (DataPipeline.stats(), skip_summary())",
+                            LOG_LIMIT, reason)
+
+    def first_origin(self, reason: str, files: set[str] | None = None) -> str | None:
+        """The first origin of `reason` seen in this process, among `files` if given."""
+        with self._lock:
+            for file, origin in self._first.get(reason, {}).items():
+                if files is None or file in files:
+                    return origin
+        return None
+
+
+_SKIP_LOG = SkipLog()
+# A child forked while a parse thread held the lock would otherwise never get it.
+os.register_at_fork(after_in_child=_SKIP_LOG._new_lock)
+
+
+def first_skip_origin(reason: str, files: set[str] | None = None) -> str | None:
+    return _SKIP_LOG.first_origin(reason, files)
+
+
+def reset_skip_log() -> None:
+    """Forget what was logged: a long-lived process (a notebook, a test session) that starts
+    over on new data gets its first skips logged again."""
+    _SKIP_LOG.reset()

@@ -35,7 +35,7 @@ from t5gemma2_jax.data.packing import (BATCH_KEYS, COUNTS_KEY, IMAGE_KEYS, PackI
                                        stack_rows)
 from t5gemma2_jax.data.records import ParseRecord
 from t5gemma2_jax.data.sft import ChatTemplate
-from t5gemma2_jax.data.sources import open_source
+from t5gemma2_jax.data.sources import ARRAY_RECORD_SUFFIXES, JSONL_SUFFIXES, expand_paths, open_source
 from t5gemma2_jax.data.tasks import PretrainExamples, SftExamples
 from t5gemma2_jax.data.tokenizer import Tokenizer
 from t5gemma2_jax.data.ul2 import Denoiser
@@ -56,7 +56,15 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
         from t5gemma2_jax.data.tiny_tokenizer import tiny_tokenizer_path
 
         path = tiny_tokenizer_path()
-    return Tokenizer(path, overrides=dict(cfg.tokenizer_overrides), num_sentinels=cfg.num_sentinels)
+    try:
+        return Tokenizer(path, overrides=dict(cfg.tokenizer_overrides), num_sentinels=cfg.num_sentinels)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    except ConfigError:
+        raise
+    except (OSError, RuntimeError, IndexError, ValueError) as e:  # sentencepiece's errors on a bad file
+        raise ConfigError(f"data.tokenizer: {path!r} is not a usable SentencePiece model for this "
+                          f"project ({type(e).__name__}: {e})") from None
 
 
 def batch_keys(cfg: DataConfig) -> tuple[str, ...]:
@@ -211,6 +219,40 @@ class DataPipeline(Iterator[dict[str, np.ndarray]]):
         `documents_split`, `sft_turns_dropped`, `images_dropped`, `skipped/<reason>`."""
         return counters.as_dict(self._totals)
 
+    def skip_summary(self) -> str:
+        """One line for the end of a run, e.g. `skipped 3 of 120 records: malformed_json 2
+        (first at train.jsonl:7), corrupt_image 1 (first at train.jsonl:12)`.
+
+        The log names at most a few skips per reason, early on; this says what the whole run
+        dropped, with one place per reason to start looking. Counts are `stats()` (restored
+        ones included); a first place is known only for skips made in this process since it
+        started, so it is missing after a restart for reasons not met again, and with
+        data.num_workers > 0, where the workers parse (their log has the places)."""
+        stats = self.stats()
+        files = self._own_files()
+        by_count = sorted(counters.SKIP_REASONS, key=lambda r: -stats[f"skipped/{r}"])
+        parts = []
+        for reason in by_count:
+            n = stats[f"skipped/{reason}"]
+            if n:
+                first = counters.first_skip_origin(reason, files)
+                parts.append(f"{reason} {n}" + (f" (first at {first})" if first else ""))
+        head = (f"skipped {counters.total_skipped(self._totals)} of {stats['records_seen']} "
+                "records")
+        return f"{head}: {', '.join(parts)}" if parts else head
+
+    def _own_files(self) -> set[str] | None:
+        """The configured files of this split, so that the summary of a train pipeline does not
+        point at the eval file the same process also read; None (any file) for the demo data or
+        in-memory records, which have no configured path."""
+        spec = self.cfg.train if self.split == "train" else self.cfg.eval
+        if not spec:
+            return None
+        try:
+            return set(expand_paths(spec))
+        except FileNotFoundError:
+            return None
+
     def empty_batch(self) -> dict[str, np.ndarray]:
         """An all-padding batch of this pipeline's shapes (zero loss weight): lets hosts whose
         finite eval shard ran out keep stepping in lockstep with the others."""
@@ -257,6 +299,28 @@ class DataPipeline(Iterator[dict[str, np.ndarray]]):
             f"By reason: {reasons}. The first skips of each reason are logged with file and "
             "line. Fix the data, or raise data.max_bad_fraction (or set "
             "data.unknown_fields=ignore if the records only carry extra fields).")
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """Raises ConfigError naming the field when a configured data file is missing, unreadable or of
+    an unknown kind, before any pipeline is built."""
+    for field in ("train", "eval"):
+        spec = getattr(cfg, field)
+        if not spec:
+            continue
+        try:
+            paths = expand_paths(spec)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.{field}: {e}") from None
+        for path in paths:
+            if not path.endswith(JSONL_SUFFIXES + ARRAY_RECORD_SUFFIXES):
+                raise ConfigError(f"data.{field}: {path!r} is neither JSONL {JSONL_SUFFIXES} nor "
+                                  f"ArrayRecord {ARRAY_RECORD_SUFFIXES}")
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise ConfigError(f"data.{field}: cannot read {path!r}: {e.strerror or e}") from None
 
 
 def check_model_compatible(tokenizer: Tokenizer, model_config: Any, cfg: DataConfig) -> None:

@@ -8,22 +8,28 @@ Schemas (one JSON object per line / record):
             first user turn (Gemma has no system role); images only in user turns.
 A field not in the schema skips the record (`skipped/unknown_field`) unless
 data.unknown_fields="ignore". This stage runs in Grain workers: it decodes images and tokenizes.
+
+Whatever goes wrong with one record is that record's skip, never the run's end: a record that
+fails in a way no check anticipated (a library limit, a bug) is `skipped/parse_error` with the
+exception in the message. Only MemoryError, KeyboardInterrupt and SystemExit get through: they
+say something about the process, not the record.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
 from t5gemma2_jax.data import counters
-from t5gemma2_jax.data.counters import make_skip
+from t5gemma2_jax.data.counters import error_skip, make_skip
 from t5gemma2_jax.data.elements import Conversation, Document, Turn
 from t5gemma2_jax.data.images import ImageError, concat, load_pixels
 from t5gemma2_jax.data.sft import ChatTemplate
-from t5gemma2_jax.data.sources import RawRecord
+from t5gemma2_jax.data.sources import RawRecord, Unreadable
 from t5gemma2_jax.data.tokenizer import IMAGE_MARKER, Tokenizer
 
 PRETRAIN_FIELDS = frozenset({"text", "images"})
@@ -64,6 +70,8 @@ class ParseRecord(grain.transforms.MapWithIndex):
         # Unique across hosts (each host indexes its own shard from 0): seeds per-example RNG.
         index = index * self.process_count + self.process_index
         origin = self.origin(raw)
+        if isinstance(raw.payload, Unreadable):
+            return make_skip("parse_error", origin, f"cannot read the record: {raw.payload.error}")
         try:
             obj = _decode_json(raw.payload)
             base_dir = self.base_dirs[raw.source] if raw.source < len(self.base_dirs) else None
@@ -72,6 +80,10 @@ class ParseRecord(grain.transforms.MapWithIndex):
             return self._conversation(index, origin, obj, base_dir)
         except (BadRecord, ImageError) as e:
             return make_skip(e.reason, origin, str(e))
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever one record trips costs only that record
+            return error_skip(origin, e)
 
     # ---- pretraining ----------------------------------------------------------------------
     def _document(self, index: int, origin: str, obj: dict, base_dir) -> Document:
@@ -87,7 +99,7 @@ class ParseRecord(grain.transforms.MapWithIndex):
         parts, anchors_parts = self._split_markers(text, refs)
         if not "".join(parts).strip():
             raise BadRecord("empty_text", "empty text")
-        ids = [self.tokenizer.encode(p) for p in parts]
+        ids = [self._encode(p) for p in parts]
         text_ids = _concat_ids(ids)
         if self.tokenizer.has_reserved(text_ids):
             raise BadRecord("reserved_token", "text contains a reserved token (sentinel, mode, "
@@ -137,7 +149,7 @@ class ParseRecord(grain.transforms.MapWithIndex):
             content, refs, d = self._maybe_drop_images(content, refs)
             dropped += d
             parts, marked = self._split_markers(content, refs)
-            ids = [self.tokenizer.encode(p) for p in parts]
+            ids = [self._encode(p) for p in parts]
             if any(self.tokenizer.has_reserved(x) for x in ids):
                 raise BadRecord("reserved_token", "content contains a reserved token")
             block = self.image_block
@@ -154,6 +166,20 @@ class ParseRecord(grain.transforms.MapWithIndex):
                             counts=counters.delta(records_seen=1, images_dropped=dropped))
 
     # ---- helpers --------------------------------------------------------------------------
+    def _encode(self, text: str) -> np.ndarray:
+        try:
+            return self.tokenizer.encode(text)
+        except Exception:
+            # A JSON escape such as "\ud800" yields a lone surrogate, which SentencePiece
+            # rejects with an opaque message; name the actual problem. Checked only on failure,
+            # so well-formed text is not encoded twice.
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise BadRecord("malformed_json", f"text is not valid Unicode ({e.reason} at "
+                                                  f"character {e.start})") from None
+            raise
+
     def _check_fields(self, obj: dict, allowed: frozenset, what: str) -> None:
         unknown = set(obj) - allowed
         if unknown and self.unknown_fields == "skip":
@@ -186,10 +212,20 @@ class ParseRecord(grain.transforms.MapWithIndex):
 def _decode_json(payload: Any) -> dict:
     if isinstance(payload, dict):
         return payload
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        # Strict UTF-8 (json.loads on bytes would guess UTF-16/32 and let encoded surrogates
+        # through); "utf-8-sig" keeps accepting a byte-order mark on a file's first line.
+        try:
+            payload = bytes(payload).decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise BadRecord("malformed_json", f"not valid UTF-8: {e}") from None
     try:
         obj = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise BadRecord("malformed_json", f"malformed JSON: {e}") from None
+    except RecursionError:  # the C parser recurses once per level of nesting
+        raise BadRecord("malformed_json", "JSON nested too deeply to parse (deeper than the "
+                                          f"recursion limit, {sys.getrecursionlimit()})") from None
     if not isinstance(obj, dict):
         raise BadRecord("bad_schema", f"a record must be a JSON object, got {type(obj).__name__}")
     return obj

@@ -27,7 +27,20 @@ ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 class RawRecord(NamedTuple):
     source: int  # index into the source's `names` / `base_dirs`
     line: int  # 1-based line of a JSONL file, record index otherwise
-    payload: Any  # bytes (JSON text) or, for in-memory sources, a dict / str
+    payload: Any  # bytes (JSON text), for in-memory sources a dict / str, or `Unreadable`
+
+
+class Unreadable(NamedTuple):
+    """The payload of a record whose read failed (an I/O error, a corrupt ArrayRecord chunk).
+
+    Raising from `__getitem__` would end the run inside Grain, where the record is anonymous;
+    handing this on lets the parse stage count and log it with its file and line."""
+
+    error: str  # "<exception type>: <message>"
+
+
+def _unreadable(error: Exception) -> Unreadable:
+    return Unreadable(f"{type(error).__name__}: {error}")
 
 
 class JsonlSource:
@@ -55,7 +68,10 @@ class JsonlSource:
 
     def __getitem__(self, index: int) -> RawRecord:
         fi = int(self._file[index])
-        data = os.pread(self._fd(fi), int(self._length[index]), int(self._offset[index]))
+        try:
+            data = os.pread(self._fd(fi), int(self._length[index]), int(self._offset[index]))
+        except OSError as e:
+            data = _unreadable(e)
         return RawRecord(fi, int(self._line[index]), data)
 
     def _fd(self, fi: int) -> int:
@@ -123,7 +139,13 @@ class ArrayRecordSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> RawRecord:
-        return RawRecord(0, int(index), self._source[index])
+        try:
+            data = self._source[index]
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. RuntimeError for a damaged chunk
+            data = _unreadable(e)
+        return RawRecord(0, int(index), data)
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.names}, {len(self)} records)"

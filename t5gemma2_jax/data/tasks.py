@@ -9,6 +9,9 @@ instead); documents with images must fit whole.
 
 Randomness (noise masks, split points) is seeded by (data.seed, task, record index, chunk), so
 it does not depend on worker count or on where a run was resumed.
+
+As in the parse stage, an exception while building one record's examples makes that record a
+`skipped/parse_error` (none of its examples are kept) instead of ending the run.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 from grain.experimental import FlatMapTransform
 
 from t5gemma2_jax.data import counters
-from t5gemma2_jax.data.counters import Skip, make_skip
+from t5gemma2_jax.data.counters import Skip, error_skip, make_skip
 from t5gemma2_jax.data.elements import Conversation, Document, Example
 from t5gemma2_jax.data.sft import ChatTemplate, sft_examples
 from t5gemma2_jax.data.ul2 import Denoiser
@@ -25,6 +28,17 @@ from t5gemma2_jax.data.ul2 import Denoiser
 
 def example_rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(e) & 0xFFFFFFFF for e in entropy]))
+
+
+def _isolated(build, element: Document | Conversation) -> list[Example | Skip]:
+    """`build(element)`, or one skip carrying the record's counts if it raises (so the record
+    still counts in `records_seen`)."""
+    try:
+        return build(element)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as in the parse stage
+        return [error_skip(element.origin, e, records=0, counts=element.counts)]
 
 
 class PretrainExamples(FlatMapTransform):
@@ -43,7 +57,9 @@ class PretrainExamples(FlatMapTransform):
     def flat_map(self, element: Document | Skip) -> list[Example | Skip]:
         if isinstance(element, Skip):
             return [element]
-        doc = element
+        return _isolated(self._examples, element)
+
+    def _examples(self, doc: Document) -> list[Example | Skip]:
         if self.task_index is None:
             t = int(example_rng(self.seed, 0x5EED, doc.index).choice(len(self.probs), p=self.probs))
         else:
@@ -85,4 +101,4 @@ class SftExamples(FlatMapTransform):
     def flat_map(self, element: Conversation | Skip) -> list[Example | Skip]:
         if isinstance(element, Skip):
             return [element]
-        return sft_examples(element, self.template, **self.kw)
+        return _isolated(lambda conv: sft_examples(conv, self.template, **self.kw), element)

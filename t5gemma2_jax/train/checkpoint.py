@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run's state, resumable onto any mesh.
+"""Orbax checkpoints of a training run's state, resumable onto any mesh, verified on restore.
 
 A checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
   state  the TrainState pytree (params, frozen params, optimizer state, step, RNG), sharded arrays
@@ -21,12 +21,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +91,81 @@ class Restored:
     meta: dict
 
 
+class CheckpointIOError(OSError):
+    """A checkpoint could not be written (read-only or full directory, I/O error)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint written by another configuration (model or optimizer): not damage,
+    so it is reported, never set aside for an older one."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words, elementwise (no reshape, so a sharded array stays put)."""
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    u = x if x.dtype == bits else jax.lax.bitcast_convert_type(x, bits)
+    return u.astype(jnp.uint32)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """[sum of words, sum of words x (flat index + 1)] mod 2**32: any changed word changes the
+    first; a word moved, or two changes that cancel, the second."""
+    w = _words(x)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[axis]
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (index + 1), dtype=jnp.uint32)])
+
+
+_fingerprints = jax.jit(lambda flat: {k: _fingerprint(x) for k, x in flat.items()})
+
+
+def _flat(tree) -> dict[str, jax.Array]:
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _sums(flat: dict[str, jax.Array]) -> dict[str, list[int]]:
+    return {k: [int(v) for v in value] for k, value in jax.device_get(_fingerprints(flat)).items()}
+
+
+def checksums(state) -> dict[str, list]:
+    """Per-array `[sum, weighted sum, dtype]` of a (sharded) state, computed where it lives."""
+    flat = _flat(state)
+    return {k: sums + [flat[k].dtype.name] for k, sums in _sums(flat).items()}
+
+
+def mismatched_checksums(state, saved: dict[str, list]) -> list[str]:
+    """Arrays of a restored `state` whose bits differ from what was saved. An array restored in a
+    wider dtype than it was saved in is compared after casting back (exact); one restored
+    narrower cannot be compared and is skipped."""
+    comparable = {}
+    for key, x in _flat(state).items():
+        entry = saved.get(key)
+        if entry is None:
+            continue
+        dtype = np.dtype(entry[2]) if len(entry) > 2 else x.dtype
+        if x.dtype == dtype:
+            comparable[key] = x
+        elif np.can_cast(dtype, x.dtype, casting="safe"):
+            comparable[key] = x.astype(dtype)
+    return sorted(k for k, sums in _sums(comparable).items() if sums != saved[k][:2])
+
+
+def state_bytes(state) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
+
+
 class Checkpointer:
     """`CheckpointManager` keeping the last `keep` checkpoints plus, optionally, the best one by
-    `eval_loss` (lowest)."""
+    `eval_loss` (lowest).
+
+    Each save records per-array checksums of the state in its metadata and first checks that the
+    directory takes a write and has room for it (`CheckpointIOError` in one line, at the save that
+    would fail, instead of a stall inside Orbax or an error one save later). `restore_latest`
+    verifies the checksums and falls back, checkpoint by checkpoint, to the newest one that
+    restores; a checkpoint that does not is moved to `<directory>.quarantine/`, never deleted."""
 
     def __init__(self, directory: str | Path, *, every: int, keep: int = 3, keep_best: bool = False,
                  async_save: bool = True):
@@ -101,8 +179,11 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         self.directory = Path(directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "meta"))
+        # Handlers named up front, so that a fresh manager can read a checkpoint's metadata (the
+        # layout check) before anything was saved or restored through it.
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "data": ProcessJsonHandler(),
+            "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -112,18 +193,123 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: Any, meta: dict, *, metrics: dict | None = None,
              force: bool = False) -> bool:
+        self._check_writable(step, self._needed_bytes(state_bytes(state)))
+        meta = {**meta, "checksums": checksums(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ProcessJsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
-        saved = self.manager.save(step, args=args, metrics=metrics, force=force)
+        try:
+            saved = self.manager.save(step, args=args, metrics=metrics, force=force)
+        except Exception as e:  # noqa: BLE001 - incl. an earlier asynchronous save's failure
+            raise self._write_failed(e) from None
         if saved:
             log.info("checkpoint %d: saving to %s", step, self.directory)
         return saved
 
-    def restore(self, step: int, abstract_state) -> Restored:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=ProcessJsonRestore(), meta=ocp.args.JsonRestore())
+    def _write_failed(self, e: Exception) -> CheckpointIOError:
+        """One line for a failed write (Orbax and tensorstore raise long multi-line errors)."""
+        self.manager.reload()   # forget steps that never completed
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+        return CheckpointIOError(f"writing a checkpoint to {self.directory} failed ({first}); complete "
+                                 f"checkpoints: {self.all_steps()}")
+
+    def _needed_bytes(self, state_nbytes: int) -> int:
+        """Room a save needs: the latest checkpoint's size on disk when there is one (it includes
+        Orbax's metadata and layout), else the state's bytes; plus a margin."""
+        latest = self.latest_step()
+        on_disk = 0
+        if latest is not None:
+            on_disk = sum(p.stat().st_size for p in (self.directory / str(latest)).rglob("*") if p.is_file())
+        return int(max(on_disk, state_nbytes) * 1.1) + 2**20
+
+    def _check_writable(self, step: int, nbytes: int) -> None:
+        """A small write, and room for the whole state, before Orbax starts (process 0 checks:
+        the directory is shared by every host)."""
+        if jax.process_index() != 0:
+            return
+        probe = self.directory / f".write-probe-{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+            free = shutil.disk_usage(self.directory).free
+        except OSError as e:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise CheckpointIOError(f"checkpoint {step}: cannot write to {self.directory}: "
+                                    f"{e.strerror or e}; complete checkpoints: {self.all_steps()}") from None
+        if free < nbytes:
+            raise CheckpointIOError(f"checkpoint {step}: {self.directory} has {free / 2**20:.1f} MiB free, the "
+                                    f"checkpoint needs {nbytes / 2**20:.1f} MiB; complete checkpoints: "
+                                    f"{self.all_steps()}")
+
+    def restore(self, step: int, abstract_state, *, verify: bool = True) -> Restored:
+        """Checkpoint `step` onto the shardings of `abstract_state`; raises if it does not restore
+        or its arrays do not match the checksums it was saved with, and `CheckpointMismatch` if
+        it holds other arrays than `abstract_state` describes."""
+        self._check_layout(step, abstract_state)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         r = self.manager.restore(step, args=args)
-        return Restored(step=step, state=r.state, data=r.data, meta=dict(r.meta or {}))
+        meta = dict(r.meta or {})
+        if verify and "checksums" in meta:
+            bad = mismatched_checksums(r.state, meta["checksums"])
+            if bad:
+                raise ValueError(f"{len(bad)} arrays differ from their checksums (e.g. {bad[0]})")
+        try:
+            data = self.manager.restore(step, args=ocp.args.Composite(data=ProcessJsonRestore())).data
+        except (FileNotFoundError, KeyError, ValueError):
+            data = None
+        return Restored(step=step, state=r.state, data=data, meta=meta)
+
+    def _check_layout(self, step: int, abstract_state) -> None:
+        tree = self.manager.item_metadata(step)["state"]
+        stored = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(getattr(tree, "tree", tree))}
+        wanted = {".".join(map(str, k)): tuple(v.shape) for k, v in ocp.tree.to_flat_dict(abstract_state).items()}
+        if stored != wanted:
+            diff = sorted(f"{k}: checkpoint {stored.get(k)} != config {wanted.get(k)}"
+                          for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            raise CheckpointMismatch(f"{self.directory}/{step}: the checkpoint was written for another model or "
+                                     f"optimizer configuration ({len(diff)} arrays differ, e.g. {'; '.join(diff[:3])}); "
+                                     "use the configuration it was trained with, or start a new work directory")
+
+    def restore_latest(self, abstract_state) -> Restored | None:
+        """The newest checkpoint that restores and verifies (None when there is none at all);
+        raises CheckpointError naming the directory when every one fails."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return self.restore(step, abstract_state)
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of one checkpoint: try the one before
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                log.error("checkpoint %d in %s does not restore (%s: %s); moving it to %s and trying "
+                          "the one before", step, self.directory, type(e).__name__, reason, self.quarantine)
+                self._quarantine(step)
+        if steps:
+            raise CheckpointError(f"{self.directory}: none of the checkpoints {sorted(steps)} restores "
+                                  f"(moved to {self.quarantine}); remove the directory to start afresh")
+        return None
+
+    @property
+    def quarantine(self) -> Path:
+        return self.directory.with_name(self.directory.name + ".quarantine")
+
+    def _quarantine(self, step: int) -> None:
+        if jax.process_index() == 0:
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            target = self.quarantine / str(step)
+            n = 1
+            while target.exists():
+                target, n = self.quarantine / f"{step}.{n}", n + 1
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         try:
@@ -135,5 +321,10 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finishes the in-flight save; raises CheckpointIOError if it (or an earlier one) failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_failed(e) from None
+        finally:
+            self.manager.close()

@@ -131,10 +131,12 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0: known table (TPU/GPU) or measured (CPU)
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache
     distributed: str = "auto"  # jax.distributed.initialize(): auto-detect, on, off
+    max_nonfinite_steps: int = 10  # this many steps in a row with a non-finite loss/gradient stop the run
+    allow_data_restart: bool = False  # resume from a checkpoint without data-iterator state (data restarts)
 
     def __post_init__(self):
         for name in ("steps", "microbatches", "log_every", "eval_steps", "checkpoint_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "max_nonfinite_steps"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "seed"):
             _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")

@@ -1,4 +1,10 @@
-"""The training loop: resume or initialise, then step / log / evaluate / checkpoint until done."""
+"""The training loop: resume or initialise, then step / log / evaluate / checkpoint until done.
+
+Faults end a run with its work intact: a step that is not finite is not applied (the train step
+keeps the last good state) and `train.max_nonfinite_steps` of them in a row stop the run; a
+checkpoint that does not restore is set aside for the one before it; SIGTERM and Ctrl-C checkpoint
+and stop; whatever else goes wrong, the in-flight checkpoint is finished before the error leaves.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import jax
 import numpy as np
 
 from t5gemma2_jax.checkpoints.export import save_export
+from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.train import flops as flops_lib
 from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.config import ExperimentConfig
@@ -21,87 +28,168 @@ from t5gemma2_jax.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
+class Divergence:
+    """Counts the steps the train step refused (non-finite), reading each step's flag one step
+    late so that the host never waits for the step it has just dispatched."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.in_a_row, self.last_good = limit, total, 0, None
+        self._pending: tuple[int, jax.Array] | None = None
+
+    def push(self, step: int, flag: jax.Array) -> None:
+        self.flush()
+        self._pending = (step, flag)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            step, flag = self._pending
+            self._pending = None
+            bad = bool(jax.device_get(flag))
+            self.total += bad
+            self.in_a_row = self.in_a_row + 1 if bad else 0
+            self.last_good = self.last_good if bad else step
+
+    @property
+    def diverged(self) -> bool:
+        return self.in_a_row >= self.limit
+
+
 def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, devices=None) -> dict:
     """Runs (or resumes) the experiment in `workdir`. `batches` / `eval_batches()` replace the
     configured data (an iterator with get_state/set_state, a function returning one)."""
+    started = time.time()
     workdir, trainer = prepare(cfg, workdir, devices)
-    t, mesh, pidx, pcount = cfg.train, trainer.mesh, jax.process_index(), jax.process_count()
+    t, pidx, pcount = cfg.train, jax.process_index(), jax.process_count()
     save_resolved_config(cfg, workdir)
     ckpt = Checkpointer(workdir / "checkpoints", every=t.checkpoint_every, keep=t.keep_checkpoints,
                         keep_best=t.keep_best, async_save=t.async_checkpointing)
     data = batches if batches is not None else make_batches(cfg, trainer.model_config, "train", pidx, pcount)
-    start = ckpt.latest_step() or 0
-    if start:
-        restored = ckpt.restore(start, trainer.abstract_state)
-        state = restored.state
-        if restored.data is not None:
-            data.set_state(restored.data)
-        else:
-            log.warning("checkpoint %d has no data state for process %d of %d: data restarts", start, pidx, pcount)
-        log.info("resumed from %s at step %d", ckpt.directory, start)
-    elif t.init_from:
-        state = trainer.state_from_pretrained(t.init_from)
+    try:
+        summary, state = _run(cfg, trainer, ckpt, data, eval_batches, workdir)
+    except BaseException:
+        # Finish (or fail) the in-flight save so the directory holds complete checkpoints only,
+        # without letting a second error hide the one that stopped the run.
+        try:
+            ckpt.close()
+        except Exception as e:  # noqa: BLE001
+            log.error("while stopping: %s", e)
+        raise
     else:
-        state = trainer.init_state()
-    writer = MetricsWriter(workdir, resume_step=start, tensorboard=t.tensorboard, enabled=pidx == 0)
-    summary = {"start_step": start, "step": start, "preempted": False}
-    if start >= t.steps:
-        writer.close(), ckpt.close()
+        ckpt.close()
+    finally:
+        if hasattr(data, "close"):
+            data.close()
+    if state is None:                     # the work directory holds a finished run
         return summary
+    if t.export_at_end and summary["stopped_by"] is None:
+        summary["export"] = str(save_export(workdir / "export", trainer.model_config,
+                                            {**state["params"], **state["frozen"]}))
+    summary.update(wall_time_s=time.time() - started, workdir=str(workdir), checkpoints=str(ckpt.directory),
+                   last_checkpoint=ckpt.latest_step())
+    return summary
 
+
+def _restore(cfg: ExperimentConfig, trainer: Trainer, ckpt: Checkpointer, data):
+    """(state, step, meta) of the newest checkpoint that restores, or a fresh / pretrained start."""
+    t = cfg.train
+    restored = ckpt.restore_latest(trainer.abstract_state)
+    if restored is None:
+        state = trainer.state_from_pretrained(t.init_from) if t.init_from else trainer.init_state()
+        return state, 0, {}
+    if restored.data is not None:
+        data.set_state(restored.data)
+    elif t.allow_data_restart:
+        log.warning("checkpoint %d has no data state for process %d: the data restarts "
+                    "(train.allow_data_restart=true)", restored.step, jax.process_index())
+    else:
+        raise CheckpointError(f"{ckpt.directory}/{restored.step}: no data-iterator state for process "
+                              f"{jax.process_index()} of {jax.process_count()}; resuming would restart the "
+                              "data from its beginning (set train.allow_data_restart=true to accept that)")
+    log.info("resumed from %s at step %d", ckpt.directory, restored.step)
+    return restored.state, restored.step, restored.meta
+
+
+def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir):
+    """(summary, final state); the state is None when the run had already finished."""
+    t, mesh, pidx, pcount = cfg.train, trainer.mesh, jax.process_index(), jax.process_count()
+    state, start, meta_in = _restore(cfg, trainer, ckpt, data)
+    if start >= t.steps:
+        return {"start_step": start, "step": start, "preempted": False}, None
+    summary = {"start_step": start, "step": start, "preempted": False, "stopped_by": None, "diverged": False}
+    writer = MetricsWriter(workdir, resume_step=start, tensorboard=t.tensorboard, enabled=pidx == 0)
     tic = time.time()
     steps = trainer.compile()
     log.info("compiled the train step in %.1f s", time.time() - tic)
     d = cfg.data
-    B, S, T = d.batch_size, d.encoder_length, d.decoder_length
+    tokens = d.batch_size * (d.encoder_length + d.decoder_length)
     step_flops = trainer.step_flops().train_per_step
     peak, peak_src = flops_lib.peak_flops_per_device(mesh.devices.flat[0], t.peak_tflops)
     log.info("%.4g TFLOP per step (analytic); peak %.4g TFLOP/s per device (%s)", step_flops / 1e12, peak / 1e12, peak_src)
     meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": trainer.model_config.to_dict()}
+    divergence = Divergence(t.max_nonfinite_steps, meta_in.get("nonfinite_steps", 0))
 
     progress = Progress(t.steps, start, enabled=t.progress_bar and pidx == 0)
-    pending, last_time, last_step, eval_metrics = [], time.time(), start, None
+    pending, last_time, last_step = [], time.time(), start
     with PreemptionGuard() as guard:
         for step in range(start + 1, t.steps + 1):
             state, m = steps.train(state, trainer.place_batch(next(data)))
+            divergence.push(step, m["nonfinite"])
             pending.append(m)
             is_log = step % t.log_every == 0 or step == t.steps or step == start + 1
             if is_log:
-                rows = jax.device_get(pending)
+                divergence.flush()
                 now = time.time()
                 dt = (now - last_time) / (step - last_step)
-                row = {k: float(v) for k, v in rows[-1].items()}
-                row["loss_avg"] = float(np.mean([r["loss"] for r in rows]))
-                row.update(step_time=dt, tokens_per_s=B * (S + T) / dt,
-                           tflops_per_device=step_flops / dt / mesh.size / 1e12,
-                           mfu=(step_flops / dt / mesh.size / peak) if peak else None)
+                row = _log_row(jax.device_get(pending), data.stats(), divergence.total, dt, tokens,
+                               step_flops / dt / mesh.size, peak)
                 writer.write(step, row)
                 progress.update(step - last_step, row)
                 pending, last_time, last_step = [], now, step
+                summary["loss"] = row["loss"]
             eval_metrics = None
             if t.eval_every and step % t.eval_every == 0:
                 eval_metrics = evaluate(steps, state, trainer, eval_batches() if eval_batches
                                         else make_batches(cfg, trainer.model_config, "eval", pidx, pcount), t.eval_steps)
                 writer.write(step, eval_metrics)
                 progress.write(f"step {step}: eval_loss {eval_metrics['eval_loss']:.4f}")
+                summary["eval_loss"] = eval_metrics["eval_loss"]
+            summary["step"] = step
+            if divergence.diverged:
+                summary["diverged"] = True
+                log.error("%d steps in a row had a non-finite loss or gradient and were not applied (last "
+                          "applied: step %s); stopping with the checkpoints as they are", divergence.in_a_row,
+                          divergence.last_good)
+                break
             stop = guard.should_stop(ckpt, step, sync=is_log)
             if step % t.checkpoint_every == 0 or step == t.steps or stop or (eval_metrics and t.keep_best):
-                ckpt.save(step, state, data.get_state(), {**meta, "step": step}, force=True,
-                          metrics={"eval_loss": eval_metrics["eval_loss"]} if eval_metrics else None)
-            summary["step"] = step
+                divergence.flush()
+                ckpt.save(step, state, data.get_state(), {**meta, "step": step, "nonfinite_steps": divergence.total},
+                          force=True, metrics={"eval_loss": eval_metrics["eval_loss"]} if eval_metrics else None)
             if stop:
-                summary["preempted"] = True
+                summary["preempted"], summary["stopped_by"] = True, guard.requested or "preemption"
                 break
+    divergence.flush()
     progress.close()
-    ckpt.close()
     writer.close()
-    if t.export_at_end and not summary["preempted"]:
-        summary["export"] = str(save_export(workdir / "export", trainer.model_config,
-                                            {**state["params"], **state["frozen"]}))
-    summary["data_stats"] = data.stats()
-    if hasattr(data, "close"):
-        data.close()
-    return summary
+    summary.update(nonfinite_steps=divergence.total, last_applied_step=divergence.last_good,
+                   data_stats=data.stats())
+    if hasattr(data, "skip_summary"):
+        summary["skip_summary"] = data.skip_summary()
+    if summary["diverged"]:
+        summary["stopped_by"] = "divergence"
+    return summary, state
+
+
+def _log_row(rows: list[dict], data_stats: dict, nonfinite_total: int, dt: float, tokens: int,
+             flops_per_device_s: float, peak: float) -> dict:
+    """One metrics.jsonl row: the last step's metrics, the window's mean loss, speed, the data's
+    counters (records seen, examples, skips by reason) and the non-finite steps so far."""
+    row = {k: float(v) for k, v in rows[-1].items() if k != "nonfinite"}
+    row["loss_avg"] = float(np.mean([r["loss"] for r in rows]))
+    row.update(step_time=dt, tokens_per_s=tokens / dt, tflops_per_device=flops_per_device_s / 1e12,
+               mfu=(flops_per_device_s / peak) if peak else None, nonfinite_steps=nonfinite_total)
+    row.update({k: v for k, v in data_stats.items() if isinstance(v, (int, float))})
+    return row
 
 
 def evaluate(steps: CompiledSteps, state, trainer: Trainer, batches, max_batches: int) -> dict:

@@ -1,6 +1,9 @@
 """Metrics out: `WORKDIR/metrics.jsonl` (one JSON object per logged step), TensorBoard event files
 under `WORKDIR/tensorboard/`, and a tqdm progress bar. Only process 0 writes.
 
+A train row carries the step's metrics and the data's counters (`records_seen`, `examples`,
+`skipped/<reason>`, ...: `t5gemma2_jax.data.counters`), which TensorBoard shows under `data/`.
+
 On resume from step N, lines of metrics.jsonl with a step > N (written by the interrupted run after
 its last checkpoint) are dropped, and TensorBoard is told to purge events after N, so both read as
 one uninterrupted run.
@@ -16,9 +19,27 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from t5gemma2_jax.data.counters import COUNTER_NAMES
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def tensorboard_tag(key: str) -> str:
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    if key in COUNTER_NAMES:
+        return "data/" + key
+    return "train/" + key
+
+
+def skipped_share(metrics: Mapping[str, Any]) -> float | None:
+    """Skipped records / records seen, from a row's data counters (None without counters)."""
+    seen = metrics.get("records_seen")
+    if not seen:
+        return None
+    return sum(v for k, v in metrics.items() if k.startswith("skipped/")) / seen
 
 
 def _clean(v: Any) -> Any:
@@ -82,8 +103,7 @@ class MetricsWriter:
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}",
-                                       v, int(step))
+                    self.tb.add_scalar(tensorboard_tag(k), v, int(step))
             self.tb.flush()
 
     def close(self) -> None:
@@ -116,6 +136,10 @@ class Progress:
                 post["TFLOP/s/dev"] = f"{metrics['tflops_per_device']:.3g}"
             if metrics.get("mfu") is not None:
                 post["MFU"] = f"{100 * metrics['mfu']:.1f}%"
+            if skipped_share(metrics) is not None:
+                post["skipped"] = f"{100 * skipped_share(metrics):.2g}%"
+            if metrics.get("nonfinite_steps"):
+                post["non-finite"] = int(metrics["nonfinite_steps"])
             self.bar.set_postfix(post, refresh=False)
         self.bar.update(n)
 

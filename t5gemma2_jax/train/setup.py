@@ -51,8 +51,9 @@ def prepare(cfg: ExperimentConfig, workdir: str | os.PathLike, devices=None) -> 
     if t.data_source == "pipeline":
         if t.eval_every and cfg.data.train and not cfg.data.eval:
             raise ConfigError("train.eval_every > 0 needs held-out data: set data.eval (or train.eval_every=0)")
-        from t5gemma2_jax.data import check_model_compatible, load_tokenizer
+        from t5gemma2_jax.data import check_data_files, check_model_compatible, load_tokenizer
 
+        check_data_files(cfg.data)
         check_model_compatible(load_tokenizer(cfg.data), trainer.model_config, cfg.data)
     if t.compilation_cache_dir:
         use_compilation_cache(t.compilation_cache_dir)
@@ -91,27 +92,36 @@ def save_resolved_config(cfg: ExperimentConfig, workdir: Path) -> None:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM (TPU/VM preemption, `kill`) into a stop-after-this-step request."""
+    """Turns SIGTERM (TPU/VM preemption, `kill`) and Ctrl-C (SIGINT) into a stop-after-this-step
+    request: the step finishes, a checkpoint is written, the run ends. A second Ctrl-C stops at
+    once (KeyboardInterrupt), for when even that is too slow."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested: str | None = None     # the name of the signal that asked to stop
+        self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
-        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+        log.warning("%s: saving a checkpoint after this step, then stopping%s", name,
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
     def should_stop(self, checkpointer, step: int, sync: bool) -> bool:
-        flag = self.requested
+        flag = self.requested is not None
         if jax.process_count() > 1:  # all hosts must stop at the same step
             if not sync:
                 return checkpointer.reached_preemption(step)

@@ -128,7 +128,10 @@ def make_optimizer(o: OptimConfig, total_steps: int) -> tuple[optax.GradientTran
 
     adam = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                        mu_dtype=jnp.dtype(o.mu_dtype), mask=decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adam) if o.clip_norm > 0 else adam
+    # Clipping is always in the chain (at an infinite norm when disabled, which leaves every finite
+    # gradient as it is), so the optimizer state has one structure whatever clip_norm is: a run
+    # can be resumed with clipping switched on, e.g. after a divergence.
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm if o.clip_norm > 0 else float("inf")), adam)
     return tx, schedule
 
 

@@ -80,9 +80,15 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, sched
         rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         new_state = {"step": state["step"] + 1, "params": new_params, "frozen": state["frozen"],
                      "opt_state": opt_state, "rng": jax.random.key_data(rng)}
-        metrics = {"loss": ce, "loss_with_z": loss, "tokens": count,
-                   "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(new_params),
-                   "lr": jnp.asarray(schedule(state["step"]), jnp.float32)}
+        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(new_params)
+        # A step whose loss, gradient or result is not finite is not applied: the state stays the
+        # last good one, so nothing non-finite is ever checkpointed or exported. The loop counts
+        # these steps and stops a run that keeps producing them (train.max_nonfinite_steps).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = {"loss": ce, "loss_with_z": loss, "tokens": count, "grad_norm": grad_norm,
+                   "param_norm": param_norm, "lr": jnp.asarray(schedule(state["step"]), jnp.float32),
+                   "nonfinite": (~finite).astype(jnp.int32)}
         return new_state, metrics
     return train_step
 

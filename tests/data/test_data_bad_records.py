@@ -1,17 +1,25 @@
-"""Bad data is skipped, counted by reason, reaches the stats, and too much of it stops the run."""
+"""Bad data is skipped, counted by reason, reaches the stats, and too much of it stops the run;
+one bad record never ends a run, and is logged once however often it is read."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import os
 import struct
 import zlib
 
+import numpy as np
 import pytest
 
-from data_test_helpers import png_b64
-from t5gemma2_jax.data import DataConfig, DataQualityError, SKIP_REASONS, make_pipeline
+from data_test_helpers import png_b64, tok  # noqa: F401  (fixture)
+from t5gemma2_jax.data import (COUNTER_NAMES, DataConfig, DataQualityError, SKIP_REASONS,
+                               make_pipeline, write_array_record)
+from t5gemma2_jax.data import counters, tasks
 from t5gemma2_jax.data.images import ImageError, load_image
+from t5gemma2_jax.data.tokenizer import Tokenizer
+from t5gemma2_jax.data.ul2 import Denoiser, reconstruct
 
 
 def _write(path, lines):
@@ -123,3 +131,267 @@ def test_a_source_of_only_bad_records_fails_instead_of_hanging(tmp_path):
         pipe = make_pipeline(cfg, "train")
         for _ in range(100):
             next(pipe)
+
+
+# ---- one record never ends a run; each bad record is logged once -----------------------------
+
+@pytest.fixture
+def fresh_skip_log():
+    """Skips of earlier tests in this process used up the per-reason log limit."""
+    counters.reset_skip_log()
+    yield
+    counters.reset_skip_log()
+
+
+def _write_bytes(path, lines: list[bytes]) -> str:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return str(path)
+
+
+def _text_cfg(**kw) -> DataConfig:
+    base = dict(batch_size=2, encoder_length=96, decoder_length=48, max_images_per_row=0,
+                ul2_denoisers="R:3:0.15:1", max_bad_fraction=1.0)
+    return DataConfig(**{**base, **kw})
+
+
+def _texts(batches, tok) -> list[str]:
+    """The original text of every packed example (R denoisers: encoder = bos, mode, body)."""
+    s, out = tok.special, []
+    for batch in batches:
+        for r in range(batch["encoder_input_ids"].shape[0]):
+            eseg, dseg = batch["encoder_segment_ids"][r], batch["decoder_segment_ids"][r]
+            for seg in range(1, eseg.max() + 1):
+                enc = batch["encoder_input_ids"][r][eseg == seg]
+                tgt = batch["decoder_target_ids"][r][dseg == seg]
+                out.append(tok.decode(reconstruct(enc[2:], tgt, s.sentinels, s.eos)))
+    return out
+
+
+def test_records_that_break_the_parser_or_a_transform_are_counted_skips(tmp_path, monkeypatch,
+                                                                        tok, fresh_skip_log):
+    real_encode, real_denoise = Tokenizer.encode, Denoiser.__call__
+    breaks_denoiser = tok.encode("the denoiser breaks on this one.")
+
+    def encode(self, text):
+        if "the tokenizer breaks" in text:
+            raise ValueError("tokenizer broke")
+        return real_encode(self, text)
+
+    def denoise(self, ids, *args, **kwargs):
+        if np.array_equal(ids, breaks_denoiser):
+            raise IndexError("denoiser broke")
+        return real_denoise(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+    monkeypatch.setattr(Denoiser, "__call__", denoise)
+    lines = [
+        b'{"text": "the first good line."}',
+        b"[" * 100_000 + b"]" * 100_000,                          # malformed_json (too deep)
+        b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,              # malformed_json (too deep)
+        b'{"text": "invalid \xff utf-8"}',                        # malformed_json
+        b'{"text": "an unpaired \\ud800 surrogate"}',             # malformed_json
+        b'{"text": "the tokenizer breaks on this one."}',         # parse_error (parse stage)
+        b'{"text": "the denoiser breaks on this one."}',          # parse_error (task stage)
+        b'{"text": "the second good line."}',
+    ]
+    path = _write_bytes(tmp_path / "data.jsonl", lines)
+    pipe = make_pipeline(_text_cfg(eval=path, train="unused"), "eval")
+    batches = list(pipe)
+    stats = pipe.stats()
+    assert stats["records_seen"] == 8 and stats["examples"] == 2
+    assert {r: stats[f"skipped/{r}"] for r in SKIP_REASONS if stats[f"skipped/{r}"]} == {
+        "malformed_json": 4, "parse_error": 2}
+    assert sorted(_texts(batches, tok)) == ["the first good line.", "the second good line."]
+    summary = pipe.skip_summary()
+    assert summary == (f"skipped 6 of 8 records: malformed_json 4 (first at {path}:2), "
+                       f"parse_error 2 (first at {path}:6)")
+
+
+def _break_the_tokenizer_on(word: str, monkeypatch) -> None:
+    """Make the tokenizer raise on texts containing `word`: a transform failing on one record."""
+    real_encode = Tokenizer.encode
+
+    def encode(self, text):
+        if word in text:
+            raise ValueError("tokenizer broke")
+        return real_encode(self, text)
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+
+
+def test_skip_messages_say_what_went_wrong(tmp_path, monkeypatch, caplog, fresh_skip_log):
+    _break_the_tokenizer_on("breaks", monkeypatch)
+    lines = [b'{"text": "a good line."}', b"[" * 100_000 + b"]" * 100_000,
+             b'{"text": "invalid \xff utf-8"}', b'{"text": "an unpaired \\udc00"}',
+             b'{"text": "this breaks."}']
+    path = _write_bytes(tmp_path / "data.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="t5gemma2_jax.data"):
+        list(make_pipeline(_text_cfg(eval=path, train="unused"), "eval"))
+    logged = {r.getMessage().split()[1]: r.getMessage() for r in caplog.records}
+    assert "nested too deeply" in logged[f"{path}:2"]
+    assert "not valid UTF-8" in logged[f"{path}:3"]
+    assert "not valid Unicode" in logged[f"{path}:4"]
+    assert "skipped/parse_error" in logged[f"{path}:5"]
+    assert "ValueError: tokenizer broke" in logged[f"{path}:5"]
+
+
+def test_an_sft_transform_that_raises_skips_only_its_record(monkeypatch, fresh_skip_log):
+    real = tasks.sft_examples
+
+    def sft_examples(conv, *args, **kwargs):
+        if conv.origin == "memory:1":
+            raise KeyError("turn")
+        return real(conv, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "sft_examples", sft_examples)
+    records = [{"messages": [{"role": "user", "content": f"question {i}?"},
+                             {"role": "model", "content": f"answer {i}."}]} for i in range(3)]
+    pipe = make_pipeline(_text_cfg(kind="sft"), "eval", records=records)
+    list(pipe)
+    stats = pipe.stats()
+    assert stats["records_seen"] == 3 and stats["examples"] == 2
+    assert stats["skipped/parse_error"] == 1
+    assert pipe.skip_summary() == "skipped 1 of 3 records: parse_error 1 (first at memory:1)"
+
+
+def test_unreadable_records_are_counted_skips(tmp_path, monkeypatch, caplog, fresh_skip_log):
+    path = tmp_path / "data.array_record"
+    write_array_record(str(path), [{"text": f"good record number {i}."} for i in range(6)])
+    data = bytearray(path.read_bytes())
+    data[300:320] = b"\x00" * 20  # inside an early chunk: its checksum no longer matches
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="t5gemma2_jax.data"):
+        pipe = make_pipeline(_text_cfg(eval=str(path), train="unused"), "eval")
+        list(pipe)
+    stats = pipe.stats()
+    assert stats["records_seen"] == 6 and 1 <= stats["skipped/parse_error"] < 6
+    assert stats["examples"] == 6 - stats["skipped/parse_error"]
+    assert "cannot read the record: RuntimeError" in caplog.text
+
+    jsonl = _write(tmp_path / "data.jsonl", [{"text": "line one."}, {"text": "line two."}])
+    real_pread = os.pread
+    second = len(b'{"text": "line one."}\n')
+
+    def pread(fd, n, offset):
+        if offset == second:
+            raise OSError(5, "Input/output error")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    pipe = make_pipeline(_text_cfg(eval=jsonl, train="unused"), "eval")
+    list(pipe)
+    assert pipe.stats()["skipped/parse_error"] == 1 and pipe.stats()["examples"] == 1
+    assert pipe.skip_summary() == f"skipped 1 of 2 records: parse_error 1 (first at {jsonl}:2)"
+
+
+def test_a_bad_line_is_logged_once_across_tasks_epochs_and_evaluations(tmp_path, caplog,
+                                                                       fresh_skip_log):
+    lines = [{"text": f"good line number {i} with some words."} for i in range(8)]
+    lines.insert(3, "{broken")
+    path = _write(tmp_path / "data.jsonl", lines)
+    cfg = _text_cfg(train=path, eval=path, batch_size=4,
+                    ul2_denoisers="R:3:0.15:0.4,X:3:0.5:0.3,S:0.3")
+    with caplog.at_level(logging.WARNING, logger="t5gemma2_jax.data"):
+        pipe = make_pipeline(cfg, "train")
+        for _ in range(12):
+            next(pipe)
+        for _ in range(2):  # an evaluation re-reads its file
+            list(make_pipeline(cfg, "eval"))
+    # Each of the three task pipelines parsed the line, over several epochs.
+    assert pipe.stats()["skipped/malformed_json"] > 3
+    assert [r.getMessage() for r in caplog.records if f"{path}:4 " in r.getMessage()] == [
+        f"skipping {path}:4 (skipped/malformed_json): malformed JSON: Expecting property name "
+        "enclosed in double quotes: line 1 column 2 (char 1)"]
+    assert pipe.skip_summary().endswith(f"malformed_json {pipe.stats()['skipped/malformed_json']} "
+                                        f"(first at {path}:4)")
+
+
+def test_after_the_limit_a_reason_says_once_that_it_only_counts(tmp_path, monkeypatch, caplog,
+                                                                fresh_skip_log):
+    monkeypatch.setattr(counters, "LOG_LIMIT", 2)
+    lines = ["{broken"] * 5 + [{"text": "a good line."}, {"text": "x"}]
+    path = _write(tmp_path / "data.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="t5gemma2_jax.data"):
+        for _ in range(2):
+            list(make_pipeline(_text_cfg(eval=path, train="unused"), "eval"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split()[1] for m in messages if m.startswith("skipping")] == [
+        f"{path}:1", f"{path}:2", f"{path}:7"]
+    notes = [m for m in messages if "only counted" in m]
+    assert len(notes) == 1 and "skipped/malformed_json" in notes[0]
+
+
+def test_the_summary_names_only_the_pipeline_s_own_files(tmp_path, fresh_skip_log):
+    train = _write(tmp_path / "train.jsonl", [{"text": "a good line."}, "{broken", {"text": 5}])
+    evals = _write(tmp_path / "eval.jsonl", ["{broken", {"text": "a good line."}])
+    cfg = _text_cfg(train=train, eval=evals, shuffle=False)
+    eval_pipe = make_pipeline(cfg, "eval")  # read first: its skip is the process's first
+    list(eval_pipe)
+    assert eval_pipe.skip_summary() == (f"skipped 1 of 2 records: malformed_json 1 "
+                                        f"(first at {evals}:1)")
+    train_pipe = make_pipeline(cfg, "train")
+    for _ in range(3):
+        next(train_pipe)
+    stats, summary = train_pipe.stats(), train_pipe.skip_summary()
+    skipped = stats["skipped/malformed_json"] + stats["skipped/bad_schema"]
+    assert summary.startswith(f"skipped {skipped} of {stats['records_seen']} records: ")
+    assert f"malformed_json {stats['skipped/malformed_json']} (first at {train}:2)" in summary
+    assert f"bad_schema {stats['skipped/bad_schema']} (first at {train}:3)" in summary
+    assert evals not in summary
+
+    good = _write(tmp_path / "good.jsonl", [{"text": "a good line."}] * 3)
+    clean = make_pipeline(cfg.with_overrides({"eval": good}), "eval")
+    list(clean)
+    assert clean.skip_summary() == "skipped 0 of 3 records"
+
+
+def test_the_new_reason_is_appended_and_survives_a_restore(tmp_path, monkeypatch, fresh_skip_log):
+    # Checkpointed counter vectors keep their layout: older reasons keep their positions.
+    assert SKIP_REASONS[:12] == (
+        "malformed_json", "bad_schema", "unknown_field", "empty_text", "too_short",
+        "missing_image", "corrupt_image", "image_marker_mismatch", "too_many_images", "too_long",
+        "reserved_token", "no_response")
+    assert SKIP_REASONS[-1] == "parse_error" and COUNTER_NAMES[-1] == "skipped/parse_error"
+    _break_the_tokenizer_on("breaks", monkeypatch)
+    lines = [{"text": f"good line number {i} with some words."} for i in range(6)]
+    lines.insert(2, {"text": "this one breaks the tokenizer."})
+    cfg = _text_cfg(train=_write(tmp_path / "t.jsonl", lines), shuffle=False)
+    pipe = make_pipeline(cfg, "train")
+    for _ in range(4):
+        next(pipe)
+    state = json.loads(json.dumps(pipe.get_state()))
+    assert state["counters"]["skipped/parse_error"] == pipe.stats()["skipped/parse_error"] > 0
+    restored = make_pipeline(cfg, "train")
+    restored.set_state(state)
+    assert restored.stats() == pipe.stats()
+    np.testing.assert_equal(next(restored), next(pipe))
+
+    old = dict(state, counters={k: v for k, v in state["counters"].items()
+                                if k != "skipped/parse_error"})
+    older = make_pipeline(cfg, "train")
+    older.set_state(old)  # a checkpoint written before the reason existed
+    assert older.stats()["skipped/parse_error"] == 0
+    assert older.stats()["records_seen"] == state["counters"]["records_seen"]
+
+
+@pytest.mark.parametrize("stage", ["parse", "task"])
+def test_memory_errors_are_not_taken_for_bad_records(tmp_path, monkeypatch, stage):
+    """Running out of memory is the process's problem, not the record's: it must not be counted
+    and skipped over (every later record would fail the same way)."""
+    real_encode = Tokenizer.encode
+
+    def encode(self, text):
+        if stage == "parse" and "the record" in text:
+            raise MemoryError
+        return real_encode(self, text)
+
+    def denoise(self, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+    if stage == "task":
+        monkeypatch.setattr(Denoiser, "__call__", denoise)
+    path = _write(tmp_path / "data.jsonl", [{"text": "the record."}])
+    pipe = make_pipeline(_text_cfg(eval=path, train="unused"), "eval")
+    with pytest.raises(MemoryError):
+        next(pipe)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from t5gemma2_jax.train.config import ExperimentConfig, from_dict
-from t5gemma2_jax.train.data import make_batch
+from t5gemma2_jax.train.data import SyntheticBatches, make_batch
 
 LAYERS = {"num_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}
 
@@ -32,3 +32,17 @@ def batch_for(cfg: ExperimentConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return make_batch(np.random.default_rng(seed), cfg.data.batch_size, cfg.data.encoder_length,
                       cfg.data.decoder_length, model,
                       max_images=cfg.data.max_images_per_row if model.with_vision else 0)
+
+
+class ActAt(SyntheticBatches):
+    """Synthetic batches that call `action()` while fetching batch `at` (1-based): a fault at a
+    known step (a signal, an exception)."""
+
+    def __init__(self, *a, at: int, action, **kw):
+        super().__init__(*a, **kw)
+        self.at, self.action = at, action
+
+    def __next__(self):
+        if self.index + 1 == self.at:
+            self.action()
+        return super().__next__()

@@ -110,3 +110,51 @@ def test_check_accepts_a_good_config(script, capsys, tmp_path, no_training):
     rc = script.main(["--config", TINY, "--workdir", str(tmp_path), "--check", "mesh.fsdp=-1"])
     out = capsys.readouterr().out
     assert rc == 0 and "ok: mesh" in out
+
+
+def test_check_opens_the_data_and_the_tokenizer(script, capsys, tmp_path, no_training):
+    rc, err = _run(script, capsys, tmp_path / "w", f"data.train={tmp_path}/missing-*.jsonl",
+                   f"data.eval={tmp_path}/missing.jsonl", check=True)
+    assert rc == 2 and err.startswith("error: data.train: no data file matches") and err.count("\n") == 1, err
+    (tmp_path / "notes.txt").write_text("{}\n")
+    rc, err = _run(script, capsys, tmp_path / "w", f"data.train={tmp_path}/notes.txt", "train.eval_every=0",
+                   check=True)
+    assert rc == 2 and "is neither JSONL" in err, err
+    (tmp_path / "bad.model").write_bytes(b"not a sentencepiece model")
+    rc, err = _run(script, capsys, tmp_path / "w", f"data.tokenizer={tmp_path}/bad.model", check=True)
+    assert rc == 2 and "data.tokenizer:" in err and "not a usable SentencePiece model" in err, err
+    rc, err = _run(script, capsys, tmp_path / "w", f"data.tokenizer={tmp_path}/none.model", check=True)
+    assert rc == 2 and "data.tokenizer: no SentencePiece model at" in err, err
+
+
+def test_closing_summary(script):
+    text = script.closing_summary({
+        "start_step": 0, "step": 200, "wall_time_s": 61.2, "loss": 0.5, "eval_loss": 1.1,
+        "data_stats": {"records_seen": 120, "examples": 118, "skipped/malformed_json": 2},
+        "skip_summary": "skipped 2 of 120 records: malformed_json 2 (first at t.jsonl:7)", "nonfinite_steps": 1,
+        "checkpoints": "/w/checkpoints", "last_checkpoint": 200, "export": "/w/export", "stopped_by": None})
+    assert text.splitlines() == [
+        "steps 0 -> 200 in 61 s; train loss 0.5000; eval loss 1.1000",
+        "data: 118 examples from 120 records; skipped 2 of 120 records: malformed_json 2 (first at t.jsonl:7)",
+        "non-finite steps not applied: 1",
+        "checkpoints: /w/checkpoints (latest step 200); export: /w/export"]
+    diverged = script.closing_summary({"start_step": 0, "step": 3, "wall_time_s": 1.0, "checkpoints": "/c",
+                                       "last_checkpoint": 2, "stopped_by": "divergence", "nonfinite_steps": 3,
+                                       "last_applied_step": None})
+    assert "error: stopped: the loss or gradient was not finite for 3 steps" in diverged
+    assert script.closing_summary({"start_step": 6, "step": 6, "preempted": False}) == \
+        "already complete at step 6; nothing to do"
+
+
+def test_too_much_bad_data_ends_the_run_in_one_line(script, capsys, tmp_path):
+    """DataQualityError is a user error: one line and exit status 2, not a traceback."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join("{broken\n" if i % 2 else '{"text": "a red circle is left of a square."}\n'
+                            for i in range(60)))
+    rc, err = _run(script, capsys, tmp_path / "w", f"data.train={path}", "data.max_images_per_row=0",
+                   "data.encoder_length=64", "data.decoder_length=32", "data.bad_fraction_min_records=10",
+                   "data.ul2_denoisers=R:3:0.15:1", "train.eval_every=0", "train.steps=2",
+                   "model.encoder.num_layers=2", "model.decoder.num_layers=2", "train.progress_bar=false")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "were skipped in the train data" in lines[0], err[-2000:]
+    assert "Traceback" not in err

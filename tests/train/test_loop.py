@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import small_config
+from helpers import ActAt, small_config
 from t5gemma2_jax.train import load_export, read_metrics, train
 from t5gemma2_jax.checkpoints.export import load_export_arrays
 from t5gemma2_jax.train.checkpoint import Checkpointer
@@ -23,17 +23,9 @@ from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
 from t5gemma2_jax.train.state import ModelDef, abstract_state, init_state, make_optimizer
 
 
-class SigtermAt(SyntheticBatches):
+def SigtermAt(*a, at: int, **kw):
     """Synthetic batches that send this process a SIGTERM while fetching batch `at` (1-based)."""
-
-    def __init__(self, *a, at: int, **kw):
-        super().__init__(*a, **kw)
-        self.at = at
-
-    def __next__(self):
-        if self.index + 1 == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().__next__()
+    return ActAt(*a, at=at, action=lambda: os.kill(os.getpid(), signal.SIGTERM), **kw)
 
 
 def _tb_scalars(workdir):

@@ -1,0 +1,36 @@
+"""What every command line of the project does with a user's mistake: one line, exit status 2.
+
+Errors that describe bad input (a config, a machine that does not fit it, a checkpoint or data
+file that is missing or malformed, a checkpoint directory that cannot be written) are printed as
+`error: ...` on one line, without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
+from t5gemma2_jax.configlib import ConfigError
+from t5gemma2_jax.data.images import ImageError
+from t5gemma2_jax.data.pipeline import DataQualityError
+from t5gemma2_jax.train.checkpoint import CheckpointIOError
+from t5gemma2_jax.train.mesh import SetupError
+
+USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError)
+USAGE = 2
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
+
+
+def run(main: Callable[[], object]) -> int:
+    """`main()`'s exit status (an int; whatever else it returns counts as success), or 2 after
+    printing a user error on one line."""
+    try:
+        status = main()
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return USAGE
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
