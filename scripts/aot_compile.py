@@ -7,8 +7,10 @@
     python scripts/aot_compile.py --config configs/tiny.yaml      # no topology: this machine's devices
 
 Prints, per chip: argument, output, temporary and code bytes against the chip's HBM, and the
-compiled FLOPs against the analytic count (`t5gemma2_jax.train.flops`). `--json FILE` appends the
-numbers as one JSON line. The mesh, batch and lengths come from the config and its overrides, and
+compiled FLOPs against the analytic count (`t5gemma2_jax.train.flops`), and the size of a
+checkpoint; a program the TPU compiler refuses for lack of memory is reported as not fitting
+(exit status 1, as for one that compiles above the chip's HBM). `--json FILE` appends the numbers
+as one JSON line. The mesh, batch and lengths come from the config and its overrides, and
 the program is the trainer's own (`t5gemma2_jax.train.Trainer`), so this is how a configuration is
 checked to fit a pod before anyone pays for one.
 """
@@ -16,6 +18,7 @@ checked to fit a pod before anyone pays for one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -48,8 +51,29 @@ def main(argv=None) -> dict:
     print(f"{a.config} on {a.topology or 'the local devices'}: {n} chips ({devices[0].device_kind}), mesh {dict(trainer.mesh.shape)}, "
           f"batch {d.batch_size} x (enc {d.encoder_length}, dec {d.decoder_length}), remat {m.remat}, "
           f"attention {m.attention_backend}")
+    sizes = trainer.state_sizes()
+    state_per_chip = sizes["state"] / n     # the state's arguments (evenly sharded)
+    ckpt_bytes, trainable = sizes["checkpoint"], sizes["trainable"]
+    print(f"trainable parameters {trainable / 2**20:.1f} MiB; the state {state_per_chip / 2**30:.2f} GiB per chip; "
+          f"a checkpoint holds {ckpt_bytes / 2**30:.3f} GiB"
+          + ("" if trainer.saves_base else " (adapters and their optimizer state; the base stays where it came from)"))
+    result = dict(config=a.config, topology=a.topology, chips=n, mesh=dict(trainer.mesh.shape),
+                  batch=d.batch_size, encoder_length=d.encoder_length, decoder_length=d.decoder_length,
+                  remat=m.remat, attention=m.attention_backend, hbm_per_chip=hbm, scan_layers=m.scan_layers,
+                  trainable_bytes=trainable, state_bytes_per_chip=state_per_chip, checkpoint_bytes=ckpt_bytes,
+                  lora=dataclasses.asdict(cfg.lora))
     t0 = time.time()
-    steps = trainer.compile(with_eval=False)
+    try:
+        steps = trainer.compile(with_eval=False)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The TPU compiler refuses a program that cannot fit the chip: that is the answer.
+        reason = str(e).strip().splitlines()[0]
+        print(f"does not fit: {reason}")
+        result.update(fits=False, compile_seconds=time.time() - t0, error=reason)
+        _write(a.json, result)
+        return result
     compile_s = time.time() - t0
     mem, xla = compiled_memory(steps.train), compiled_flops(steps.train)
     flops = trainer.step_flops()
@@ -75,25 +99,26 @@ def main(argv=None) -> dict:
             ["the micro-batch loop is counted once"] if cfg.train.microbatches > 1 else [])
         print(f"compiled FLOPs per chip {xla / 1e12:.2f} T (not comparable: {'; '.join(why)}; "
               "check with model.scan_layers=false model.attention_backend=dense)")
-    result = dict(config=a.config, topology=a.topology, chips=n, mesh=dict(trainer.mesh.shape),
-                  batch=d.batch_size, encoder_length=d.encoder_length, decoder_length=d.decoder_length,
-                  remat=m.remat, attention=m.attention_backend, memory_per_chip=mem, hbm_per_chip=hbm,
-                  fits=bool(hbm == 0 or mem["total"] <= hbm), compiled_flops_per_chip=xla,
+    result.update(memory_per_chip=mem, fits=bool(hbm == 0 or mem["total"] <= hbm), compiled_flops_per_chip=xla,
                   analytic_flops_per_chip=per_chip, expected_flops_per_chip=expected,
-                  flops_comparable=comparable, scan_layers=m.scan_layers, compile_seconds=compile_s)
+                  flops_comparable=comparable, compile_seconds=compile_s)
     if not a.no_generate:
         t0 = time.time()
         gmem = compiled_memory(trainer.compile_decode())
         print(f"encode + first decode step compiled in {time.time() - t0:.0f} s: total "
               f"{gib(gmem['total']):.2f} GiB per chip")
         result["generate_memory_per_chip"] = gmem
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    _write(a.json, result)
     return result
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
     from t5gemma2_jax import cli
 
-    sys.exit(cli.run(lambda: 0 if main()["fits"] else 1))   # 1: compiled, but does not fit the chip
+    sys.exit(cli.run(lambda: 0 if main()["fits"] else 1))   # 1: does not fit the chip

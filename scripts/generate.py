@@ -8,6 +8,10 @@
         --prompt "What colour is the circle?"
     # a Hugging Face directory (config.json + *.safetensors) and its tokenizer.model
     python scripts/generate.py --hf DIR --tokenizer DIR/tokenizer.model --prompt "..."
+    # a LoRA run (its base from the run's train.init_from, its WORKDIR/adapter applied, unmerged)
+    python scripts/generate.py --checkpoint /tmp/tiny_lora --chat --prompt "..."
+    # any PEFT adapter directory on a base, with the base stored int8 (QLoRA)
+    python scripts/generate.py --hf DIR --adapter ADAPTER --quantize-base int8 --prompt "..."
 
 `<start_of_image>` in the prompt marks where each `--image` goes (else images come first).
 Greedy and sampling stream token by token; beam search prints the best beam at the end.
@@ -22,25 +26,53 @@ from pathlib import Path
 import numpy as np
 
 
+def _load_base(path: Path, dtype, with_images: bool, flag: str):
+    import t5gemma2_jax as tg
+    from t5gemma2_jax.checkpoints.export import is_export, load_export
+    from t5gemma2_jax.configlib import ConfigError
+
+    export = path / "export" if (path / "export").is_dir() else path
+    if is_export(export):
+        return load_export(export, dtype=dtype.name)
+    if (path / "config.json").is_file():
+        return tg.load_hf(path, dtype=dtype, text_only=not with_images)
+    raise ConfigError(f"{flag} {path}: neither a params export (scripts/train.py writes WORKDIR/export) nor a "
+                      "Hugging Face directory (config.json)")
+
+
 def _load_model(a, with_images: bool):
+    """(model, the training work directory or None): the base, quantised and with its adapter when
+    asked for (or when --checkpoint is a LoRA run's work directory)."""
     import jax.numpy as jnp
 
     import t5gemma2_jax as tg
     from t5gemma2_jax.configlib import ConfigError
 
     dtype = jnp.dtype(a.dtype)
+    adapter, quantize = a.adapter, a.quantize_base
     if a.hf:
-        return tg.load_hf(a.hf, dtype=dtype, text_only=not with_images), None
-    from t5gemma2_jax.checkpoints.export import CONFIG_FILE, load_export
+        model, workdir = _load_base(Path(a.hf), dtype, with_images, "--hf"), None
+    else:
+        workdir = Path(a.checkpoint)
+        if not workdir.is_dir():
+            raise ConfigError(f"--checkpoint {workdir}: not a directory")
+        if (workdir / "adapter").is_dir() and not (workdir / "export").is_dir() and (workdir / "config.yaml").exists():
+            from t5gemma2_jax.train.config import load_config
 
-    root = Path(a.checkpoint)
-    export = root / "export" if (root / "export").is_dir() else root
-    if not export.is_dir():
-        raise ConfigError(f"--checkpoint {root}: not a directory")
-    if not (export / CONFIG_FILE).exists():
-        raise ConfigError(f"--checkpoint {root}: no params export found (expected {export}/{CONFIG_FILE}; "
-                         "scripts/train.py writes it at the end of a run)")
-    return load_export(export, dtype=dtype.name), root
+            run = load_config(workdir / "config.yaml")
+            if not run.train.init_from:
+                raise ConfigError(f"--checkpoint {workdir}: the LoRA run trained on a random base (no "
+                                  "train.init_from); there is no base to load")
+            adapter = adapter or str(workdir / "adapter")
+            quantize = quantize or run.lora.quantize_base
+            model = _load_base(Path(run.train.init_from), dtype, with_images, "train.init_from")
+        else:
+            model = _load_base(workdir, dtype, with_images, "--checkpoint")
+    if quantize and quantize != "none":
+        tg.quantize_base(model, quantize)
+    if adapter:
+        tg.load_peft(model, adapter)
+    return model, workdir
 
 
 def _tokenizer(a, workdir, vocab_size: int):
@@ -68,8 +100,12 @@ def main(argv=None) -> int:
 def generate_text(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a training workdir or its export/ folder")
+    src.add_argument("--checkpoint", help="a training workdir or its export/ folder (a LoRA run's workdir: its "
+                     "base with its adapter)")
     src.add_argument("--hf", help="a Hugging Face T5Gemma 2 directory")
+    p.add_argument("--adapter", help="a PEFT LoRA directory to apply (unmerged), e.g. a LoRA run's WORKDIR/adapter")
+    p.add_argument("--quantize-base", choices=("none", "int8", "nf4"),
+                   help="store the base's text projections quantised (QLoRA; default: as the LoRA run did)")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the training run used)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")

@@ -88,7 +88,8 @@ def closing_summary(s: dict) -> str:
     if s.get("nonfinite_steps"):
         lines.append(f"non-finite steps not applied: {s['nonfinite_steps']}")
     lines.append(f"checkpoints: {s['checkpoints']} (latest step {s['last_checkpoint']})"
-                 + (f"; export: {s['export']}" if "export" in s else ""))
+                 + (f"; export: {s['export']}" if "export" in s else "")
+                 + (f"; adapter (PEFT): {s['adapter']}" if "adapter" in s else ""))
     stopped = s.get("stopped_by")
     if stopped == "divergence":
         lines.append(f"error: stopped: the loss or gradient was not finite for {s.get('nonfinite_steps')} steps "

@@ -35,6 +35,7 @@ DEFAULT_RULES: Rules = (
     ("vision_head_dim", None),
     ("vision_patch", None),
     ("vision_position", None),
+    ("lora_rank", None),        # adapters: sharded like their kernel's input / output axes
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

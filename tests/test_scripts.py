@@ -39,6 +39,27 @@ def test_aot_compile_on_the_local_devices(tmp_path, capsys):
     assert "x the analytic count" in capsys.readouterr().out
 
 
+def test_aot_compile_reports_a_program_that_cannot_fit(tmp_path, monkeypatch, capsys):
+    """The TPU compiler refuses a program above the chip's HBM: that is a result (not fitting,
+    with the state's share per chip), not a crash."""
+    import jax
+
+    from t5gemma2_jax.train import Trainer
+
+    def refuse(self, **kw):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                                          "for HLO temporaries (16.71G) exceeds available HBM (15.75G).\nmore")
+
+    monkeypatch.setattr(Trainer, "compile", refuse)
+    out = tmp_path / "aot.jsonl"
+    aot = _script("aot_compile")
+    result = aot.main(["--config", str(ROOT / "configs" / "tiny_lora.yaml"), "--json", str(out), "--no-generate"])
+    assert result["fits"] is False and "HLO temporaries (16.71G)" in result["error"]
+    assert result["state_bytes_per_chip"] * result["chips"] > result["checkpoint_bytes"] > 0   # LoRA: no base
+    assert "does not fit: RESOURCE_EXHAUSTED" in capsys.readouterr().out
+    assert json.loads(out.read_text())["fits"] is False
+
+
 def test_benchmark_times_the_trainers_step(tmp_path):
     out = tmp_path / "bench.jsonl"
     result = _script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",
@@ -69,7 +90,49 @@ def test_generate_names_bad_input_on_one_line(tiny_export, capsys):
                                       "(['[NLG]', '[NLU]', '[S2S]'])\n"
     assert generate.main(["--checkpoint", str(tiny_export.parent), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --checkpoint") and "no params export found" in err and err.count("\n") == 1
+    assert err.startswith("error: --checkpoint") and "neither a params export" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_generate_with_an_adapter_and_from_a_lora_run(tiny_export, tmp_path, capsys):
+    """--adapter applies a PEFT directory unmerged (on a quantised base with --quantize-base), and
+    a LoRA run's work directory brings its base (train.init_from) and adapter by itself."""
+    from t5gemma2_jax.data import Tokenizer, tiny_tokenizer_path
+    from t5gemma2_jax.data.prompts import encode_prompt
+    from t5gemma2_jax.train.config import from_dict
+
+    model = tg.load_export(tiny_export)
+    tg.apply_lora(model, rank=2)
+    for n, (_, lora) in enumerate(tg.adapters.lora_sites(model)):
+        lora.b.set_value(0.5 * np.random.default_rng(n).normal(size=lora.b.shape))
+    tg.save_peft(model, tmp_path / "adapter")
+    tok = Tokenizer(tiny_tokenizer_path())
+    ids = encode_prompt(tok, "a red circle", mm_tokens_per_image=model.config.mm_tokens_per_image)[None]
+    want = [int(t) for t in np.asarray(tg.generate(model, ids, max_new_tokens=5))[0]
+            if t not in (model.config.eos_token_id, model.config.pad_token_id)]
+    generate = _script("generate")
+    args = ["--prompt", "a red circle", "--max-new-tokens", "5"]
+    assert generate.generate_text(["--checkpoint", str(tiny_export), "--adapter", str(tmp_path / "adapter"), *args]) \
+        == tok.decode(want)
+    assert generate.generate_text(["--checkpoint", str(tiny_export), *args]) != tok.decode(want)   # it applied
+    assert isinstance(generate.generate_text(["--checkpoint", str(tiny_export), "--adapter", str(tmp_path / "adapter"),
+                                              "--quantize-base", "int8", *args]), str)
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    for f in (tmp_path / "adapter").iterdir():
+        (run / "adapter" / f.name).write_bytes(f.read_bytes())
+    cfg = from_dict({"model": {"preset": "tiny", "with_vision": False}, "data": {"max_images_per_row": 0},
+                     "lora": {"rank": 2},
+                     "train": {"init_from": str(tiny_export)}})
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    assert generate.generate_text(["--checkpoint", str(run), *args]) == tok.decode(want)
+    capsys.readouterr()
+    random_base = from_dict({"model": {"preset": "tiny", "with_vision": False}, "data": {"max_images_per_row": 0},
+                             "lora": {"rank": 2}})
+    (run / "config.yaml").write_text(random_base.to_yaml())
+    assert generate.main(["--checkpoint", str(run), *args]) == 2
+    assert "trained on a random base" in capsys.readouterr().err
 
 
 def test_prompts_are_laid_out_like_the_training_data():

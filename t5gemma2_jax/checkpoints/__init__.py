@@ -3,6 +3,8 @@
 - `hf`: Hugging Face T5Gemma 2 directories (`load_hf`, `save_hf`), with the key mappings of the
   text towers (`hf_text`), the vision tower (`hf_vision`) and `config.json` (`hf_config`);
 - `gemma3`: a Hugging Face Gemma 3 checkpoint adapted into both towers (`adapt_gemma3`);
+- `peft`: PEFT LoRA adapter directories and the Hugging Face names of our adaptable kernels
+  (`t5gemma2_jax.adapters.save_peft` / `load_peft` apply them to a model);
 - `export`: the params export, model config + Orbax arrays (`save_export`, `load_export`), which
   training writes at the end of a run and `train.init_from` and generation read;
 - `safetensors_io`, `staging`, `triage`: the safetensors reader/writer, host staging of tensors on

@@ -15,6 +15,7 @@ from t5gemma2_jax.checkpoints.safetensors_io import FLOATING, CheckpointDir, Che
 
 UNKNOWN, MISMATCHED, DUPLICATED = "unknown keys", "shape mismatches", "tensors present twice"
 DTYPE_MISMATCHES = "dtype mismatches"
+SHOWN = 12      # items listed per kind; the count says how many there are
 
 
 class KeyTriage:
@@ -56,7 +57,12 @@ class KeyTriage:
             return {UNKNOWN: 0, MISMATCHED: 2, DTYPE_MISMATCHES: 2, DUPLICATED: 3}.get(
                 label, 1 if label.startswith("missing") else 4)
 
-        lines = [f"{label} ({len(items)}): {sorted(items) if label != MISMATCHED else items}"
-                 for label, items in sorted(self.problems.items(), key=lambda kv: rank(kv[0])) if items]
+        def listed(label: str, items: list[str]) -> str:
+            items = items if label in (MISMATCHED, DTYPE_MISMATCHES) else sorted(items)
+            more = f" (and {len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+            return f"{label} ({len(items)}): {items[:SHOWN]}{more}"
+
+        lines = [listed(label, items) for label, items in sorted(self.problems.items(), key=lambda kv: rank(kv[0]))
+                 if items]
         if lines:
             raise CheckpointError(f"{header}:\n  " + "\n  ".join(lines))

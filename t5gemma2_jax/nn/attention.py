@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import TextConfig
 from t5gemma2_jax.nn.backends import attend
+from t5gemma2_jax.nn.lora import project
 from t5gemma2_jax.nn.masks import MaskInfo
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.nn.rope import apply_rope
@@ -42,15 +43,15 @@ class Attention(nnx.Module):
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Normed, un-rotated keys and values `[B, S, K, d]` of `x [B, S, D]`."""
-        k = jnp.einsum("BSD,DKd->BSKd", x, self.k[...].astype(self.dtype))
-        v = jnp.einsum("BSD,DKd->BSKd", x, self.v[...].astype(self.dtype))
+        k = project(self, "k", "BSD,DKd->BSKd", x, self.dtype)
+        v = project(self, "v", "BSD,DKd->BSKd", x, self.dtype)
         k = constrain(checkpoint_name(self.k_norm(k), "key_proj"), _BSKD)
         v = constrain(checkpoint_name(v, "value_proj"), _BSKD)
         return k, v
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: MaskInfo,
                  cross_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        q = jnp.einsum("BTD,DHd->BTHd", x, self.q[...].astype(self.dtype))
+        q = project(self, "q", "BTD,DHd->BTHd", x, self.dtype)
         q = constrain(checkpoint_name(self.q_norm(q), "query_proj"), _BTHD)
         q = apply_rope(q, sin, cos)
         k, v = self.project_kv(x)
@@ -60,7 +61,7 @@ class Attention(nnx.Module):
             v = jnp.concatenate([v, cross_kv[1]], axis=1)
         out = attend(q, k, v, mask, scale=self.scale, backend=self.backend, block_size=self.block_size)
         out = checkpoint_name(constrain(out, _BTHD), "attention_out")
-        y = jnp.einsum("BTHd,HdD->BTD", out, self.o[...].astype(self.dtype))
+        y = project(self, "o", "BTHd,HdD->BTD", out, self.dtype)
         return checkpoint_name(y, "out_proj")
 
     def decode_step(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: MaskInfo, cache: dict,
@@ -71,7 +72,7 @@ class Attention(nnx.Module):
         and `slot` wraps around (a ring buffer). `cache['ck'|'cv'] [B, S, K, d]` hold the encoder
         keys/values, computed once. `mask` describes `[C self slots | S encoder keys]`.
         """
-        q = jnp.einsum("BTD,DHd->BTHd", x, self.q[...].astype(self.dtype))
+        q = project(self, "q", "BTD,DHd->BTHd", x, self.dtype)
         q = apply_rope(self.q_norm(q), sin, cos)
         k, v = self.project_kv(x)
         k = apply_rope(k, sin, cos)
@@ -82,11 +83,11 @@ class Attention(nnx.Module):
             keys = jnp.concatenate([kc, cache["ck"]], axis=1)
             values = jnp.concatenate([vc, cache["cv"]], axis=1)
         out = attend(q, keys, values, mask, scale=self.scale, backend=self.backend, block_size=self.block_size)
-        y = jnp.einsum("BTHd,HdD->BTD", out, self.o[...].astype(self.dtype))
+        y = project(self, "o", "BTHd,HdD->BTD", out, self.dtype)
         return y, {**cache, "k": kc, "v": vc}
 
     def attend_to(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -> jax.Array:
         """Plain cross-attention (the T5Gemma v1-style ablation): no RoPE on either side."""
-        q = self.q_norm(jnp.einsum("BTD,DHd->BTHd", x, self.q[...].astype(self.dtype)))
+        q = self.q_norm(project(self, "q", "BTD,DHd->BTHd", x, self.dtype))
         out = attend(q, k, v, mask, scale=self.scale, backend=self.backend, block_size=self.block_size)
-        return jnp.einsum("BTHd,HdD->BTD", out, self.o[...].astype(self.dtype))
+        return project(self, "o", "BTHd,HdD->BTD", out, self.dtype)

@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import TextConfig
 from t5gemma2_jax.nn.attention import Attention
+from t5gemma2_jax.nn.lora import kernel
 from t5gemma2_jax.nn.masks import MaskInfo
 from t5gemma2_jax.nn.mlp import MLP
 from t5gemma2_jax.nn.norm import RMSNorm
@@ -84,7 +85,7 @@ class Layer(nnx.Module):
     def init_cache(self, encoder_states: jax.Array, size: int, dtype) -> dict:
         """Empty self slots `[B, size, K, d]` and this layer's encoder keys/values (computed once)."""
         B = encoder_states.shape[0]
-        _, K, d = self.attn.k[...].shape
+        _, K, d = kernel(self.attn, "k").shape
         cache = {"k": jnp.zeros((B, size, K, d), dtype), "v": jnp.zeros((B, size, K, d), dtype)}
         if self.cross == "merged":
             cache["ck"], cache["cv"] = self.attn.project_kv(encoder_states)

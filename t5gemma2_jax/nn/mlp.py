@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from t5gemma2_jax.nn.lora import project
 from t5gemma2_jax.sharding import constrain
 
 
@@ -19,9 +19,9 @@ class MLP(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(self.dtype))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(self.dtype))
+        gate = project(self, "gate", "BTD,DF->BTF", x, self.dtype)
+        up = project(self, "up", "BTD,DF->BTF", x, self.dtype)
         h = jax.nn.gelu(gate, approximate=True) * up
         h = checkpoint_name(constrain(h, ("batch", "length", "mlp")), "mlp_hidden")
-        out = jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(self.dtype))
+        out = project(self, "down", "BTF,FD->BTD", h, self.dtype)
         return checkpoint_name(out, "mlp_out")

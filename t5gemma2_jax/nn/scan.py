@@ -21,6 +21,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from t5gemma2_jax.nn import rng
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -100,14 +102,17 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> n
 
 def scan(module: nnx.Module, step: Callable, carry: Any, xs: Any = None, *, remat_name: str = "none"):
     """`jax.lax.scan` of `step(layer, carry, x) -> (carry, y)` over the stacked `module`'s layers
-    (and the leading axis of `xs`); returns `(carry, ys)`."""
+    (and the leading axis of `xs`); returns `(carry, ys)`. Under a dropout key (`nn.rng`) each
+    layer gets its own."""
     graphdef, state = nnx.split(module)
+    keys = rng.layer_keys(jax.tree.leaves(state)[0].shape[0])
 
     def body(c, inputs):
-        layer_state, x = inputs
-        return step(nnx.merge(graphdef, layer_state), c, x)
+        layer_state, x, key = inputs
+        with rng.dropout_key(key):
+            return step(nnx.merge(graphdef, layer_state), c, x)
 
-    return jax.lax.scan(remat(body, remat_name, in_scan=True), carry, (state, xs))
+    return jax.lax.scan(remat(body, remat_name, in_scan=True), carry, (state, xs, keys))
 
 
 def call(module: nnx.Module, step: Callable, carry: Any, *, remat_name: str = "none") -> Any:

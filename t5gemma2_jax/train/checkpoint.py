@@ -102,6 +102,8 @@ class CheckpointMismatch(CheckpointError):
 
 def _words(x: jax.Array) -> jax.Array:
     """The bits of `x` as uint32 words, elementwise (no reshape, so a sharded array stays put)."""
+    if jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 8:    # int4 / uint4 (nf4 codes)
+        x = x.astype(jnp.int8 if jnp.issubdtype(x.dtype, jnp.signedinteger) else jnp.uint8)
     bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
     u = x if x.dtype == bits else jax.lax.bitcast_convert_type(x, bits)
     return u.astype(jnp.uint32)
@@ -157,6 +159,63 @@ def state_bytes(state) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
 
 
+def run_checkpoint(path: str | Path) -> Path | None:
+    """The step directory of a training checkpoint that `path` names: a step directory itself, or
+    the newest complete checkpoint of a checkpoints directory or of a work directory; else None."""
+    p = Path(path)
+    if (p / "state").is_dir() and (p / "meta").is_dir():
+        return p
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if not p.is_dir():
+        return None
+    # Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames when complete: digits only.
+    steps = [int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()]
+    return p / str(max(steps)) if steps else None
+
+
+def read_run_meta(step_dir: Path) -> dict:
+    try:
+        return json.loads((step_dir / "meta" / "metadata").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({e})") from None
+
+
+def load_run_params(step_dir: Path, shapes: dict[str, jax.ShapeDtypeStruct], shardings: dict[str, Any]
+                    ) -> dict[str, jax.Array]:
+    """The model parameters named in `shapes` from training checkpoint `step_dir` (its `params`
+    and `frozen` groups, whichever holds each), placed with `shardings` and verified against the
+    checksums the run saved; the optimizer state stays on disk."""
+    meta = read_run_meta(step_dir)
+    if "base_checksums" in meta:
+        raise CheckpointError(f"{step_dir}: a LoRA run's checkpoint holds adapters, not a model; its model is "
+                              f"its base ({meta.get('config', {}).get('train', {}).get('init_from')}) with the run's "
+                              "adapter directory (WORKDIR/adapter: generate.py --adapter, or load_peft + merge_lora)")
+    path = step_dir.absolute() / "state"
+    with ocp.PyTreeCheckpointer() as reader:
+        tree = reader.metadata(path)
+        tree = getattr(tree, "item_metadata", tree)
+        tree = dict(getattr(tree, "tree", tree))
+        where = {n: group for group in ("params", "frozen") for n in dict(tree.get(group) or {})}
+        missing = sorted(set(shapes) - set(where))
+        if missing:
+            raise CheckpointError(f"{step_dir}: the checkpoint lacks {len(missing)} parameters of the model "
+                                  f"(e.g. {missing[:3]})")
+        wrong = [f"{n}: checkpoint {tuple(tree[where[n]][n].shape)} != model {tuple(s.shape)}"
+                 for n, s in shapes.items() if tuple(getattr(tree[where[n]][n], "shape", s.shape)) != tuple(s.shape)]
+        if wrong:
+            raise CheckpointError(f"{step_dir}: {len(wrong)} parameters differ in shape (e.g. {'; '.join(wrong[:3])})")
+        item: dict[str, dict] = {}
+        for n, s in shapes.items():
+            item.setdefault(where[n], {})[n] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n])
+        restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    bad = mismatched_checksums(restored, meta.get("checksums", {}))
+    if bad:
+        raise CheckpointError(f"{step_dir}: {len(bad)} arrays differ from their checksums (e.g. {bad[0]})")
+    return {n: restored[where[n]][n] for n in shapes}
+
+
 class Checkpointer:
     """`CheckpointManager` keeping the last `keep` checkpoints plus, optionally, the best one by
     `eval_loss` (lowest).
@@ -193,6 +252,14 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: Any, meta: dict, *, metrics: dict | None = None,
              force: bool = False) -> bool:
+        try:
+            # The free space is only known once the previous asynchronous save has landed (Orbax
+            # waits for it before starting this one anyway, so nothing overlaps less).
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the earlier save's failure
+            raise self._write_failed(e) from None
+        if not (force or self.manager.should_save(step)):
+            return False
         self._check_writable(step, self._needed_bytes(state_bytes(state)))
         meta = {**meta, "checksums": checksums(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ProcessJsonSave(data_state),

@@ -2,13 +2,14 @@
 
     cfg = load_config("configs/tiny.yaml", ["train.steps=200", "mesh.fsdp=4"])
 
-A config file has five sections, each optional:
+A config file has six sections, each optional:
 
     model:  {preset: tiny, dtype: bfloat16, remat: full, encoder: {num_layers: 4}}
     data:   t5gemma2_jax.data.DataConfig fields
     mesh:   MeshConfig fields
     optim:  OptimConfig fields
     train:  TrainConfig fields
+    lora:   LoraConfig fields (rank > 0: train low-rank adapters on a frozen base)
 
 `model` names a preset (`t5gemma2_jax.preset`) and overrides any `T5Gemma2Config` field, nested
 ones (`encoder`, `decoder`, `vision`) included; changing a tower's `num_layers` without giving its
@@ -34,7 +35,8 @@ from t5gemma2_jax.config import PRESETS, ConfigError, T5Gemma2Config, TextConfig
 from t5gemma2_jax.configlib import require as _require
 from t5gemma2_jax.data.config import DataConfig
 
-SECTIONS = ("model", "data", "mesh", "optim", "train")
+SECTIONS = ("model", "data", "mesh", "optim", "train", "lora")
+QUANTIZE_BASE = ("none", "int8", "nf4")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 DATA_SOURCES = ("pipeline", "synthetic")
 DISTRIBUTED = ("auto", "on", "off")
@@ -116,7 +118,7 @@ class TrainConfig:
     z_loss: float = 0.0  # PaLM z-loss coefficient (0 disables)
     freeze_vision: bool = True  # the SigLIP tower gets no gradients and no optimizer state
     seed: int = 0  # parameter init and the training RNG (data order: data.seed)
-    init_from: str | None = None  # HF checkpoint dir or a params export to start from (SFT)
+    init_from: str | None = None  # an HF checkpoint dir, a params export or a training checkpoint (SFT)
     data_source: str = "pipeline"  # "pipeline" (t5gemma2_jax.data) or "synthetic" (benchmarks)
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic evaluation
@@ -151,6 +153,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (`t5gemma2_jax.apply_lora`): with `rank` > 0 only the adapters train (and
+    have optimizer state); the whole base is frozen and, with `quantize_base`, stored as int8 or
+    nf4 (QLoRA). Checkpoints then hold the adapters and the optimizer state, plus a checksum of the
+    base they apply to; the base itself comes from `train.init_from` (or the seed) again on resume."""
+
+    rank: int = 0  # 0: no adapters, the usual training
+    alpha: float = 16.0  # the update is scaled by alpha / rank, as in PEFT
+    targets: tuple[str, ...] = ()  # HF module names or regular expressions; () = every text projection
+    dropout: float = 0.0  # on each adapter's input, training only
+    quantize_base: str = "none"  # "int8" / "nf4": the frozen text projections stored quantised
+    dtype: str = "float32"  # the adapters' parameter dtype
+
+    def __post_init__(self):
+        _require(isinstance(self.rank, int) and self.rank >= 0, "lora.rank", f"must be >= 0, got {self.rank!r}")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(self.quantize_base in QUANTIZE_BASE, "lora.quantize_base",
+                 f"{self.quantize_base!r} not in {QUANTIZE_BASE}")
+        _require(self.rank > 0 or self.quantize_base == "none", "lora.quantize_base",
+                 "a quantised base needs adapters to train (set lora.rank > 0)")
+        _require(self.dtype in ("float32", "bfloat16"), "lora.dtype", f"{self.dtype!r} not in ('float32', 'bfloat16')")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A preset name plus overrides of `T5Gemma2Config` fields (nested dicts for the towers)."""
 
@@ -171,6 +202,7 @@ class ExperimentConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def model_config(self) -> T5Gemma2Config:
         """The model config; `with_vision` follows the data (images on) unless set explicitly."""
@@ -182,7 +214,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict:
         """Plain YAML-able dict; `load_config` reads it back to an equal config."""
         out = {"model": self.model.to_dict()}
-        for name in ("data", "mesh", "optim", "train"):
+        for name in ("data", "mesh", "optim", "train", "lora"):
             out[name] = configlib.plain(getattr(self, name))
         return out
 
@@ -216,7 +248,8 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     cfg = ExperimentConfig(model=_model_spec(sections["model"]),
                            **{name: configlib.build(cls, sections[name], name)
                               for name, cls in (("data", DataConfig), ("mesh", MeshConfig),
-                                                ("optim", OptimConfig), ("train", TrainConfig))})
+                                                ("optim", OptimConfig), ("train", TrainConfig),
+                                                ("lora", LoraConfig))})
     _check_cross(cfg)
     return cfg
 
@@ -239,6 +272,13 @@ def _check_cross(cfg: ExperimentConfig) -> None:
                  f"{length} exceeds the model's max_position_embeddings={tower.max_position_embeddings}")
     _require(d.batch_size % t.microbatches == 0, "train.microbatches",
              f"{t.microbatches} does not divide data.batch_size={d.batch_size}")
+    if cfg.lora.enabled:
+        from t5gemma2_jax.adapters import select_sites
+
+        select_sites(m, cfg.lora.targets or None)      # names every target that adapts nothing
+        _require(t.freeze_vision, "train.freeze_vision",
+                 "false has no effect with adapters (lora.rank > 0 freezes the whole base); adapt the "
+                 "SigLIP tower with lora.targets (e.g. [q_proj, out_proj, fc1, fc2]) instead")
 
 
 def _model_spec(raw: Mapping[str, Any]) -> ModelSpec:

@@ -68,6 +68,8 @@ class StepFlops:
     projector: float
     batch: int
     vision_trainable: bool = False
+    attention: float = 0.0          # of encoder + decoder: the score and value matmuls (no weights)
+    text_trainable: bool = True     # False with adapters: no weight gradients for the base (2x, not 3x)
 
     @property
     def forward_per_row(self) -> float:
@@ -75,7 +77,10 @@ class StepFlops:
 
     @property
     def train_per_step(self) -> float:
-        text = 3.0 * (self.encoder + self.decoder + self.lm_head + self.projector)
+        text = self.encoder + self.decoder + self.lm_head + self.projector
+        # Backward is 2x forward: input gradients plus weight gradients. A frozen base skips the
+        # latter for every weight matmul; the attention matmuls have two inputs and keep both.
+        text = 3.0 * text if self.text_trainable else 2.0 * text + self.attention
         vis = (3.0 if self.vision_trainable else 1.0) * self.vision_tower
         return self.batch * (text + vis)
 
@@ -91,8 +96,8 @@ class StepFlops:
         return self.train_per_step + self.batch * (layers + vis_layers)
 
 
-def encoder_forward(c: TextConfig, S: int, all_keys: bool = False) -> float:
-    f = S * c.num_layers * _proj_mlp_per_token(c)
+def encoder_forward(c: TextConfig, S: int, all_keys: bool = False, attention_only: bool = False) -> float:
+    f = 0.0 if attention_only else S * c.num_layers * _proj_mlp_per_token(c)
     for t in c.layer_types:
         keys = S if (t == FULL or all_keys) else min(c.sliding_window, S)
         f += 4.0 * c.num_heads * c.head_dim * S * keys
@@ -100,23 +105,25 @@ def encoder_forward(c: TextConfig, S: int, all_keys: bool = False) -> float:
 
 
 def decoder_forward(c: TextConfig, T: int, S: int, cross_attention: str = "merged",
-                    encoder_dim: int | None = None, all_keys: bool = False) -> float:
+                    encoder_dim: int | None = None, all_keys: bool = False, attention_only: bool = False) -> float:
     """Decoder forward FLOPs for one row. `cross_attention` is the model's: "merged" (T5Gemma 2:
     encoder keys in every layer's softmax), "separate" (a cross-attention sublayer per layer with
-    its own projections) or "global_only" (merged in global layers, no encoder access in local)."""
+    its own projections) or "global_only" (merged in global layers, no encoder access in local).
+    `attention_only`: the score and value matmuls alone."""
     H, K, d = c.num_heads, c.num_kv_heads, c.head_dim
     Denc = encoder_dim or c.hidden_size
-    f = T * c.num_layers * _proj_mlp_per_token(c)
+    w = 0.0 if attention_only else 1.0      # weight matmuls counted, or not
+    f = w * T * c.num_layers * _proj_mlp_per_token(c)
     for t in c.layer_types:
         self_keys = T if all_keys else _causal_keys(T, None if t == FULL else c.sliding_window)
         cross = cross_attention if not (cross_attention == "global_only" and t != FULL) else "none"
         if cross == "none":
             f += 4.0 * H * d * T * self_keys
             continue
-        f += S * 2.0 * Denc * 2 * K * d  # the encoder states' keys and values in this layer
+        f += w * S * 2.0 * Denc * 2 * K * d  # the encoder states' keys and values in this layer
         if cross == "separate":
             f += 4.0 * H * d * T * self_keys + 4.0 * H * d * T * S
-            f += T * (2.0 * c.hidden_size * H * d + 2.0 * H * d * c.hidden_size)  # cross q and o
+            f += w * T * (2.0 * c.hidden_size * H * d + 2.0 * H * d * c.hidden_size)  # cross q and o
         else:  # merged / global_only: one softmax over [self keys | encoder keys]
             f += 4.0 * H * d * T * (self_keys + S)
     return f
@@ -134,18 +141,24 @@ def vision_forward(cfg: T5Gemma2Config) -> tuple[float, float]:
 
 
 def step_flops(cfg: T5Gemma2Config, *, batch: int, encoder_length: int, decoder_length: int,
-               images_per_row: int = 0, vision_trainable: bool = False, all_keys: bool = False) -> StepFlops:
-    """`all_keys`: count attention over every key, as the dense backend computes it."""
+               images_per_row: int = 0, vision_trainable: bool = False, all_keys: bool = False,
+               text_trainable: bool = True) -> StepFlops:
+    """`all_keys`: count attention over every key, as the dense backend computes it.
+    `text_trainable=False`: the base is frozen (adapters train; their own FLOPs, about
+    rank x (in + out) / (in x out) of each projection's, are left out)."""
     S, T = encoder_length, decoder_length
     tower = projector = 0.0
     if images_per_row and cfg.with_vision:
         t, p = vision_forward(cfg)
         tower, projector = images_per_row * t, images_per_row * p
-    decoder = decoder_forward(cfg.decoder, T, S, getattr(cfg, "cross_attention", "merged"), cfg.encoder.hidden_size,
-                              all_keys)
+    cross = getattr(cfg, "cross_attention", "merged")
+    decoder = decoder_forward(cfg.decoder, T, S, cross, cfg.encoder.hidden_size, all_keys)
+    attention = (encoder_forward(cfg.encoder, S, all_keys, attention_only=True)
+                 + decoder_forward(cfg.decoder, T, S, cross, cfg.encoder.hidden_size, all_keys, attention_only=True))
     return StepFlops(encoder=encoder_forward(cfg.encoder, S, all_keys), decoder=decoder,
                      lm_head=2.0 * T * cfg.decoder.hidden_size * cfg.vocab_size, vision_tower=tower,
-                     projector=projector, batch=batch, vision_trainable=vision_trainable)
+                     projector=projector, batch=batch, vision_trainable=vision_trainable,
+                     attention=attention, text_trainable=text_trainable)
 
 
 # ---------------------------------------------------------------------------------------------

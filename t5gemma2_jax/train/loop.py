@@ -14,10 +14,11 @@ import time
 import jax
 import numpy as np
 
+from t5gemma2_jax.adapters import save_peft
 from t5gemma2_jax.checkpoints.export import save_export
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.train import flops as flops_lib
-from t5gemma2_jax.train.checkpoint import Checkpointer
+from t5gemma2_jax.train.checkpoint import Checkpointer, checksums
 from t5gemma2_jax.train.config import ExperimentConfig
 from t5gemma2_jax.train.data import make_batches
 from t5gemma2_jax.train.metrics import MetricsWriter, Progress
@@ -82,8 +83,12 @@ def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, de
     if state is None:                     # the work directory holds a finished run
         return summary
     if t.export_at_end and summary["stopped_by"] is None:
-        summary["export"] = str(save_export(workdir / "export", trainer.model_config,
-                                            {**state["params"], **state["frozen"]}))
+        if trainer.saves_base:
+            summary["export"] = str(save_export(workdir / "export", trainer.model_config,
+                                                {**state["params"], **state["frozen"]}))
+        else:                                 # the adapters, for transformers + peft or `load_peft`
+            model = trainer.model_def.merge(state["params"], state["frozen"])
+            summary["adapter"] = str(save_peft(model, workdir / "adapter", base_model_name_or_path=t.init_from))
     summary.update(wall_time_s=time.time() - started, workdir=str(workdir), checkpoints=str(ckpt.directory),
                    last_checkpoint=ckpt.latest_step())
     return summary
@@ -92,10 +97,9 @@ def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, de
 def _restore(cfg: ExperimentConfig, trainer: Trainer, ckpt: Checkpointer, data):
     """(state, step, meta) of the newest checkpoint that restores, or a fresh / pretrained start."""
     t = cfg.train
-    restored = ckpt.restore_latest(trainer.abstract_state)
+    restored = ckpt.restore_latest(trainer.checkpointed(trainer.abstract_state))
     if restored is None:
-        state = trainer.state_from_pretrained(t.init_from) if t.init_from else trainer.init_state()
-        return state, 0, {}
+        return trainer.fresh_state(), 0, {}
     if restored.data is not None:
         data.set_state(restored.data)
     elif t.allow_data_restart:
@@ -106,7 +110,15 @@ def _restore(cfg: ExperimentConfig, trainer: Trainer, ckpt: Checkpointer, data):
                               f"{jax.process_index()} of {jax.process_count()}; resuming would restart the "
                               "data from its beginning (set train.allow_data_restart=true to accept that)")
     log.info("resumed from %s at step %d", ckpt.directory, restored.step)
-    return restored.state, restored.step, restored.meta
+    state = restored.state
+    if not trainer.saves_base:               # the adapters' checkpoint: the base comes from its source
+        frozen = trainer.fresh_state()["frozen"]
+        if checksums(frozen) != restored.meta.get("base_checksums"):
+            raise CheckpointError(f"{ckpt.directory}/{restored.step}: its adapters were trained on another base "
+                                  f"than {t.init_from or f'the random init of train.seed={t.seed}'}; resume with the "
+                                  "train.init_from (and lora.quantize_base) the run started with")
+        state = {**state, "frozen": frozen}
+    return state, restored.step, restored.meta
 
 
 def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir):
@@ -126,6 +138,8 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     peak, peak_src = flops_lib.peak_flops_per_device(mesh.devices.flat[0], t.peak_tflops)
     log.info("%.4g TFLOP per step (analytic); peak %.4g TFLOP/s per device (%s)", step_flops / 1e12, peak / 1e12, peak_src)
     meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": trainer.model_config.to_dict()}
+    if not trainer.saves_base:
+        meta["base_checksums"] = checksums(state["frozen"])
     divergence = Divergence(t.max_nonfinite_steps, meta_in.get("nonfinite_steps", 0))
 
     progress = Progress(t.steps, start, enabled=t.progress_bar and pidx == 0)
@@ -163,7 +177,8 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
             stop = guard.should_stop(ckpt, step, sync=is_log)
             if step % t.checkpoint_every == 0 or step == t.steps or stop or (eval_metrics and t.keep_best):
                 divergence.flush()
-                ckpt.save(step, state, data.get_state(), {**meta, "step": step, "nonfinite_steps": divergence.total},
+                ckpt.save(step, trainer.checkpointed(state), data.get_state(),
+                          {**meta, "step": step, "nonfinite_steps": divergence.total},
                           force=True, metrics={"eval_loss": eval_metrics["eval_loss"]} if eval_metrics else None)
             if stop:
                 summary["preempted"], summary["stopped_by"] = True, guard.requested or "preemption"

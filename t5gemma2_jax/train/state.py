@@ -23,12 +23,15 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from t5gemma2_jax.adapters import apply_lora, quantize_base
 from t5gemma2_jax.checkpoints.export import flat_params, is_export, load_export_arrays, param_name, read_export_config
 from t5gemma2_jax.checkpoints.hf import load_hf
+from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.config import ConfigError, T5Gemma2Config
 from t5gemma2_jax.model import T5Gemma2
 from t5gemma2_jax.sharding import Rules, axis_rules, variable_spec
-from t5gemma2_jax.train.config import OptimConfig
+from t5gemma2_jax.train.checkpoint import load_run_params, read_run_meta, run_checkpoint
+from t5gemma2_jax.train.config import LoraConfig, OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,17 @@ def _nothing(path, x) -> bool:
 
 class ModelDef:
     """The model's structure without arrays: graph, parameter names, shapes and logical axes, split
-    into a trainable and a frozen group (the SigLIP tower when `freeze_vision`)."""
+    into a trainable and a frozen group: the SigLIP tower frozen when `freeze_vision`, or, with
+    adapters (`lora.rank > 0`), everything but the adapters frozen (and the base's text projections
+    quantised with `lora.quantize_base`)."""
 
-    def __init__(self, config: T5Gemma2Config, *, freeze_vision: bool = True):
+    def __init__(self, config: T5Gemma2Config, *, freeze_vision: bool = True, lora: LoraConfig | None = None):
         self.config = config
-        abstract = nnx.eval_shape(lambda: T5Gemma2(config, rngs=nnx.Rngs(0)))
-        if config.with_vision and freeze_vision:
+        self.lora = lora if lora is not None and lora.enabled else None
+        abstract = nnx.eval_shape(lambda: self.new_model(nnx.Rngs(0)))
+        if self.lora is not None:
+            trainable, frozen = nnx.LoRAParam, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+        elif config.with_vision and freeze_vision:
             from t5gemma2_jax.vision import TRAINABLE, VISION_PARAMS
             trainable, frozen = TRAINABLE, VISION_PARAMS
         else:
@@ -58,6 +66,25 @@ class ModelDef:
         self._rest = rest
         self.trainable = {param_name(p): (p, v) for p, v in nnx.to_flat_state(tr)}
         self.frozen = {param_name(p): (p, v) for p, v in nnx.to_flat_state(fr)}
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the training forward pass draws random numbers (adapter dropout): the train
+        step then gives it a key from the state's RNG."""
+        return self.lora is not None and self.lora.dropout > 0
+
+    def adapt(self, model: T5Gemma2, seed: int = 0) -> T5Gemma2:
+        """`model` with this definition's quantised base and adapters (in place; works traced)."""
+        if self.lora is not None:
+            if self.lora.quantize_base != "none":
+                quantize_base(model, self.lora.quantize_base)
+            apply_lora(model, rank=self.lora.rank, alpha=self.lora.alpha, targets=self.lora.targets or None,
+                       dropout=self.lora.dropout, rngs=jax.random.fold_in(jax.random.key(seed), 2),
+                       dtype=self.lora.dtype)
+        return model
+
+    def new_model(self, rngs: nnx.Rngs, seed: int = 0) -> T5Gemma2:
+        return self.adapt(T5Gemma2(self.config, rngs=rngs), seed)
 
     # -- structure ------------------------------------------------------------------------------
     def shapes(self, group: str = "trainable") -> dict[str, jax.ShapeDtypeStruct]:
@@ -163,7 +190,7 @@ def _rng_data(seed: int, stream: int) -> jax.Array:
 def make_init_fn(model_def: ModelDef, tx: optax.GradientTransformation, seed: int) -> Callable[[], TrainState]:
     """A function of no arguments creating the whole state from `seed` (to be jitted)."""
     def init() -> TrainState:
-        model = T5Gemma2(model_def.config, rngs=nnx.Rngs(params=_rng_data(seed, 0)))
+        model = model_def.new_model(nnx.Rngs(params=_rng_data(seed, 0)), seed)
         params, frozen = model_def.split(model)
         return _assemble(params, frozen, tx, seed)
     return init
@@ -199,11 +226,40 @@ def state_from_params(model_def: ModelDef, tx, seed: int, params: dict, frozen: 
         return fn(params, frozen)
 
 
+def state_from_base(model_def: ModelDef, tx, seed: int, base: dict, mesh: Mesh, rules: Rules,
+                    shardings: TrainState) -> TrainState:
+    """A fresh state with adapters around a pretrained `base` (every parameter of the plain model,
+    placed like `base_def(model_def)`'s): quantised and adapted on the devices that hold it."""
+    plain = base_def(model_def)
+
+    def build(base):
+        model = model_def.adapt(plain.merge(base, {}), seed)
+        params, frozen = model_def.split(model)
+        return _assemble(params, frozen, tx, seed)
+
+    with jax.set_mesh(mesh), axis_rules(rules):
+        return jax.jit(build, out_shardings=shardings)(base)
+
+
+def base_def(model_def: ModelDef) -> ModelDef:
+    """The plain model of an adapted definition: every parameter in one group, as checkpoints hold it."""
+    return ModelDef(model_def.config, freeze_vision=False)
+
+
 def load_pretrained(path: str, model_def: ModelDef, shardings: TrainState) -> tuple[dict, dict]:
-    """(trainable, frozen) parameter arrays of a params export or a Hugging Face checkpoint,
-    placed with the state's shardings."""
+    """(trainable, frozen) parameter arrays of a training checkpoint (a work directory, its
+    `checkpoints/` or one `checkpoints/<step>`: the newest step), a params export or a Hugging
+    Face checkpoint, placed with the state's shardings."""
     cfg = model_def.config
-    if is_export(path):
+    step_dir = run_checkpoint(path)
+    if step_dir is not None and not is_export(path):
+        model_config = read_run_meta(step_dir).get("model_config")
+        if model_config is None:
+            raise CheckpointError(f"{step_dir}: the checkpoint's metadata has no model_config")
+        _same_architecture(T5Gemma2Config.from_dict(model_config), cfg, path)
+        shapes = {**model_def.shapes("trainable"), **model_def.shapes("frozen")}
+        arrays = load_run_params(step_dir, shapes, {**shardings["params"], **shardings["frozen"]})
+    elif is_export(path):
         _same_architecture(read_export_config(path), cfg, path)
         shapes = {**model_def.shapes("trainable"), **model_def.shapes("frozen")}
         arrays = load_export_arrays(path, shapes, {**shardings["params"], **shardings["frozen"]})

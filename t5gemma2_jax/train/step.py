@@ -17,14 +17,22 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5gemma2_jax.losses import cross_entropy
+from t5gemma2_jax.nn.rng import dropout_key
 from t5gemma2_jax.sharding import Rules, axis_rules
 from t5gemma2_jax.train.mesh import BATCH_AXES, batch_sharding
 from t5gemma2_jax.train.state import ModelDef, TrainState
 
 
 def loss_sums(model_def: ModelDef, params: dict, frozen: dict, batch: Mapping[str, jax.Array],
-              z_loss: float = 0.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(sum of token losses incl. z-loss, (sum of cross-entropy, sum of weights)) of a batch."""
+              z_loss: float = 0.0, dropout_rng: jax.Array | None = None
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(sum of token losses incl. z-loss, (sum of cross-entropy, sum of weights)) of a batch;
+    `dropout_rng` drives the model's dropout (adapters'), none without it."""
+    with dropout_key(dropout_rng):
+        return _loss_sums(model_def, params, frozen, batch, z_loss)
+
+
+def _loss_sums(model_def, params, frozen, batch, z_loss):
     model = model_def.merge(params, frozen)
     images = {}
     if model_def.config.with_vision and "pixel_values" in batch:
@@ -41,13 +49,13 @@ def loss_sums(model_def: ModelDef, params: dict, frozen: dict, batch: Mapping[st
 
 
 def loss_and_grads(model_def: ModelDef, params: dict, frozen: dict, batch: Mapping[str, jax.Array], *,
-                   z_loss: float = 0.0, microbatches: int = 1):
+                   z_loss: float = 0.0, microbatches: int = 1, dropout_rng: jax.Array | None = None):
     """Mean loss over the batch's weighted tokens and its gradient w.r.t. `params`.
 
     Returns (loss incl. z-loss, cross-entropy, token count, grads)."""
     grad_fn = jax.value_and_grad(partial(loss_sums, model_def, z_loss=z_loss), has_aux=True)
     if microbatches == 1:
-        (total, (ce, count)), grads = grad_fn(params, frozen, batch)
+        (total, (ce, count)), grads = grad_fn(params, frozen, batch, dropout_rng=dropout_rng)
     else:
         A = microbatches
 
@@ -57,13 +65,15 @@ def loss_and_grads(model_def: ModelDef, params: dict, frozen: dict, batch: Mappi
                 return x
             return jax.lax.with_sharding_constraint(x, P(None, BATCH_AXES))
 
-        def body(carry, mb):
-            (t, (c, n)), g = grad_fn(params, frozen, mb)
+        def body(carry, xs):
+            i, mb = xs
+            key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            (t, (c, n)), g = grad_fn(params, frozen, mb, dropout_rng=key)
             return jax.tree.map(jnp.add, carry, (t, c, n, g)), None
 
         zero = jnp.zeros((), jnp.float32)
         init = (zero, zero, zero, jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        (total, ce, count, grads), _ = jax.lax.scan(body, init, jax.tree.map(split, dict(batch)))
+        (total, ce, count, grads), _ = jax.lax.scan(body, init, (jnp.arange(A), jax.tree.map(split, dict(batch))))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     return total / denom, ce / denom, count, grads
@@ -73,11 +83,12 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, sched
                     *, z_loss: float = 0.0, microbatches: int = 1) -> Callable:
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         params = state["params"]
-        loss, ce, count, grads = loss_and_grads(model_def, params, state["frozen"], batch,
-                                                z_loss=z_loss, microbatches=microbatches)
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        loss, ce, count, grads = loss_and_grads(model_def, params, state["frozen"], batch, z_loss=z_loss,
+                                                microbatches=microbatches,
+                                                dropout_rng=step_rng if model_def.stochastic else None)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         new_state = {"step": state["step"] + 1, "params": new_params, "frozen": state["frozen"],
                      "opt_state": opt_state, "rng": jax.random.key_data(rng)}
         grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(new_params)

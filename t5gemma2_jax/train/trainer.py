@@ -29,10 +29,11 @@ from t5gemma2_jax.data.pipeline import batch_shapes
 from t5gemma2_jax.model import T5Gemma2
 from t5gemma2_jax.sharding import Rules, axis_rules
 from t5gemma2_jax.train import flops as flops_lib
+from t5gemma2_jax.train.checkpoint import state_bytes
 from t5gemma2_jax.train.config import ExperimentConfig
 from t5gemma2_jax.train.mesh import batch_sharding, check_batch, global_batch, make_mesh, sharding_rules
-from t5gemma2_jax.train.state import (ModelDef, TrainState, abstract_state, init_state, load_pretrained,
-                                      make_optimizer, state_from_params)
+from t5gemma2_jax.train.state import (ModelDef, TrainState, abstract_state, base_def, init_state, load_pretrained,
+                                      make_optimizer, state_from_base, state_from_params)
 from t5gemma2_jax.train.step import CompiledSteps
 
 
@@ -57,7 +58,7 @@ class Trainer:
         check_batch(cfg.data.batch_size, mesh, cfg.train.microbatches, jax.process_count())
         rules = sharding_rules(cfg.mesh)
         model_config = cfg.model_config()
-        model_def = ModelDef(model_config, freeze_vision=cfg.train.freeze_vision)
+        model_def = ModelDef(model_config, freeze_vision=cfg.train.freeze_vision, lora=cfg.lora)
         tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
         abstract, shardings = abstract_state(model_def, tx, cfg.train.seed, mesh, rules)
         shapes = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
@@ -106,10 +107,39 @@ class Trainer:
         return init_state(self.model_def, self.tx, self.cfg.train.seed, self.mesh, self.rules, self.state_shardings)
 
     def state_from_pretrained(self, path: str) -> TrainState:
-        """Step 0 and a fresh optimizer around the parameters of a params export or an HF directory."""
-        params, frozen = load_pretrained(path, self.model_def, self.state_shardings)
-        return state_from_params(self.model_def, self.tx, self.cfg.train.seed, params, frozen, self.mesh,
-                                 self.state_shardings)
+        """Step 0 and a fresh optimizer around the parameters of a params export or an HF directory
+        (with adapters: that checkpoint as the frozen base, adapters fresh)."""
+        seed = self.cfg.train.seed
+        if self.model_def.lora is None:
+            params, frozen = load_pretrained(path, self.model_def, self.state_shardings)
+            return state_from_params(self.model_def, self.tx, seed, params, frozen, self.mesh, self.state_shardings)
+        plain = base_def(self.model_def)
+        specs = plain.param_specs(self.mesh, self.rules)
+        base, _ = load_pretrained(path, plain, {"params": {n: NamedSharding(self.mesh, specs[n]) for n in specs},
+                                                "frozen": {}})
+        return state_from_base(self.model_def, self.tx, seed, base, self.mesh, self.rules, self.state_shardings)
+
+    def fresh_state(self) -> TrainState:
+        """The starting state: from `train.init_from`, else random."""
+        t = self.cfg.train
+        return self.state_from_pretrained(t.init_from) if t.init_from else self.init_state()
+
+    # -- what checkpoints hold ----------------------------------------------------------------------
+    @property
+    def saves_base(self) -> bool:
+        """Whether checkpoints hold the frozen parameters. With adapters they do not: the base is
+        most of the model and never changes, so a checkpoint is the adapters, their optimizer state
+        and a checksum of the base, which comes again from `train.init_from` (or the seed)."""
+        return self.model_def.lora is None
+
+    def checkpointed(self, state: TrainState) -> TrainState:
+        return state if self.saves_base else {k: v for k, v in state.items() if k != "frozen"}
+
+    def state_sizes(self) -> dict[str, int]:
+        """Bytes of the whole training state, of what a checkpoint holds, and of the trained
+        parameters (logical sizes: every chip holds its share of each)."""
+        s = self.abstract_state
+        return dict(state=state_bytes(s), checkpoint=state_bytes(self.checkpointed(s)), trainable=state_bytes(s["params"]))
 
     def place_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process' rows -> the global batch the compiled steps take; a batch of other keys,
@@ -130,4 +160,5 @@ class Trainer:
         return flops_lib.step_flops(m, batch=d.batch_size, encoder_length=d.encoder_length,
                                     decoder_length=d.decoder_length,
                                     images_per_row=d.max_images_per_row if m.with_vision else 0,
-                                    vision_trainable=not self.cfg.train.freeze_vision, all_keys=all_keys)
+                                    vision_trainable=not self.cfg.train.freeze_vision and self.saves_base,
+                                    all_keys=all_keys, text_trainable=self.saves_base)

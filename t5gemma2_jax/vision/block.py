@@ -14,6 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import VisionConfig
+from t5gemma2_jax.nn.lora import project
 from t5gemma2_jax.sharding import constrain
 from t5gemma2_jax.vision.layers import LayerNorm, fan_in_normal
 
@@ -49,18 +50,19 @@ class SiglipAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
 
-        def proj(kernel: nnx.Param, bias: nnx.Param, name: str) -> jax.Array:
-            y = jnp.einsum("NTD,DHK->NTHK", x, kernel[...].astype(dt)) + bias[...].astype(dt)
+        def proj(which: str, name: str) -> jax.Array:
+            bias = getattr(self, f"{which}_bias")[...].astype(dt)
+            y = project(self, f"{which}_kernel", "NTD,DHK->NTHK", x, dt) + bias
             return checkpoint_name(constrain(y, _NTHK), name)  # names of the 'save_qkv_proj' policy
 
-        q = proj(self.q_kernel, self.q_bias, "query_proj")
-        k = proj(self.k_kernel, self.k_bias, "key_proj")
-        v = proj(self.v_kernel, self.v_bias, "value_proj")
+        q = proj("q", "query_proj")
+        k = proj("k", "key_proj")
+        v = proj("v", "value_proj")
         # Scores in float32 (softmax statistics must not be bf16), probabilities back in dt.
         scores = jnp.einsum("NTHK,NSHK->NHTS", q, k, preferred_element_type=jnp.float32) * self.scale
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         o = constrain(jnp.einsum("NHTS,NSHK->NTHK", probs, v), _NTHK)
-        out = jnp.einsum("NTHK,HKD->NTD", o, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
+        out = project(self, "out_kernel", "NTHK,HKD->NTD", o, dt) + self.out_bias[...].astype(dt)
         return checkpoint_name(constrain(out, _NTD), "out_proj")
 
 
@@ -77,9 +79,9 @@ class SiglipMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        h = jnp.einsum("NTD,DF->NTF", x, self.fc1_kernel[...].astype(dt)) + self.fc1_bias[...].astype(dt)
+        h = project(self, "fc1_kernel", "NTD,DF->NTF", x, dt) + self.fc1_bias[...].astype(dt)
         h = jax.nn.gelu(constrain(h, _NTF), approximate=True)  # HF 'gelu_pytorch_tanh'
-        return jnp.einsum("NTF,FD->NTD", h, self.fc2_kernel[...].astype(dt)) + self.fc2_bias[...].astype(dt)
+        return project(self, "fc2_kernel", "NTF,FD->NTD", h, dt) + self.fc2_bias[...].astype(dt)
 
 
 class SiglipBlock(nnx.Module):

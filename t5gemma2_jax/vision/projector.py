@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5gemma2_jax.config import T5Gemma2Config
+from t5gemma2_jax.nn.lora import project
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.vision.layers import normal
 
@@ -51,4 +52,4 @@ class MultiModalProjector(nnx.Module):
     def __call__(self, hidden: jax.Array) -> jax.Array:
         """SigLIP last_hidden_state [N, P*P, Dv] -> image features [N, mm_tokens_per_image, D]."""
         g = self.norm(self.pool(hidden.astype(self.dtype)))
-        return jnp.einsum("NTV,VD->NTD", g, self.kernel[...].astype(self.dtype))
+        return project(self, "kernel", "NTV,VD->NTD", g, self.dtype)

@@ -13,7 +13,7 @@ from t5gemma2_jax.train.mesh import sharding_rules
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 NAMES = {"tiny", "tiny_sft", "270m-270m_pretrain", "270m-270m_sft", "1b-1b_pretrain", "1b-1b_sft",
-         "4b-4b_pretrain", "4b-4b_sft", "4b-4b_long_context"}
+         "4b-4b_pretrain", "4b-4b_sft", "4b-4b_long_context", "tiny_lora", "4b-4b_lora_sft"}
 
 
 def test_all_shipped_configs_load_and_say_what_hardware_they_are_for():
@@ -24,9 +24,12 @@ def test_all_shipped_configs_load_and_say_what_hardware_they_are_for():
         cfg = load_config(path)
         model = cfg.model_config()
         assert model.with_vision == cfg.data.images_enabled
-        assert cfg.data.kind == ("sft" if "sft" in path.stem else "pretrain"), path.name
-        if path.stem != "tiny" and path.stem != "tiny_sft":
-            assert model.dtype == "bfloat16" and model.param_dtype == "float32", path.name
+        assert cfg.data.kind == ("sft" if "sft" in path.stem or "lora" in path.stem else "pretrain"), path.name
+        assert cfg.lora.enabled == ("lora" in path.stem), path.name
+        if not path.stem.startswith("tiny"):
+            # A frozen base needs no float32 master copy; trained weights do.
+            assert model.dtype == "bfloat16", path.name
+            assert model.param_dtype == ("bfloat16" if cfg.lora.enabled else "float32"), path.name
             if cfg.data.images_enabled:
                 assert cfg.data.mm_tokens_per_image == model.mm_tokens_per_image == 256
             assert cfg.data.encoder_length <= model.encoder.max_position_embeddings, path.name
@@ -58,10 +61,16 @@ def test_overrides_are_typed():
     ("mesh.rules={vocab: pipeline}", "'pipeline' is not a mesh axis"),
     ("data.kind=chat", "data.kind"),
     ("train.init_from=5", "train.init_from: expected str or NoneType, got 5"),
+    ("lora.rank=-1", "lora.rank: must be >= 0, got -1"),
+    ("lora.quantize_base=fp3", "lora.quantize_base: 'fp3' not in ('none', 'int8', 'nf4')"),
+    ("lora.quantize_base=nf4", "lora.quantize_base: a quantised base needs adapters to train"),
+    ("lora.rank=4 | lora.targets=[qq_proj]", "lora.targets: 'qq_proj' matches no projection; module names: ['q_proj'"),
+    ("lora.rank=4 | lora.alpha=0", "lora.alpha: must be > 0"),
+    ("lora.rank=4 | train.freeze_vision=false", "train.freeze_vision: false has no effect with adapters"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override, "train.eval_every=0"])
+        load_config(None, [*override.split(" | "), "train.eval_every=0"])
     assert message in str(e.value)
 
 

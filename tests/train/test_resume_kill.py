@@ -27,9 +27,9 @@ OVERRIDES = [
 ]
 
 
-def _command(workdir: Path, cache: Path) -> list[str]:
+def _command(workdir: Path, cache: Path, extra=()) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-            "--workdir", str(workdir), *OVERRIDES, f"train.compilation_cache_dir={cache}"]
+            "--workdir", str(workdir), *OVERRIDES, *extra, f"train.compilation_cache_dir={cache}"]
 
 
 def _env():
@@ -46,9 +46,12 @@ def _losses(workdir: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_kill9_then_rerun_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("lora.rank=4", "optim.learning_rate=1e-2")], ids=["full", "lora"])
+def test_kill9_then_rerun_resumes_bitwise(tmp_path, extra):
+    """With adapters the checkpoint holds only them: the resumed run rebuilds the frozen base and
+    must still continue bit for bit."""
     cache = tmp_path / "xla_cache"
-    ref = subprocess.run(_command(tmp_path / "ref", cache), env=_env(), capture_output=True, text=True,
+    ref = subprocess.run(_command(tmp_path / "ref", cache, extra), env=_env(), capture_output=True, text=True,
                          timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     expected = _losses(tmp_path / "ref")
@@ -56,7 +59,7 @@ def test_kill9_then_rerun_resumes_bitwise(tmp_path):
 
     work = tmp_path / "run"
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(_command(work, cache), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_command(work, cache, extra), env=_env(), stdout=log, stderr=subprocess.STDOUT)
     first = work / "checkpoints" / "2"  # appears (renamed from a temporary name) once complete
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -70,7 +73,7 @@ def test_kill9_then_rerun_resumes_bitwise(tmp_path):
     last = Checkpointer(work / "checkpoints", every=2).latest_step()
     assert last is not None and 2 <= last < STEPS, f"kill came too late (last checkpoint {last})"
 
-    again = subprocess.run(_command(work, cache), env=_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(_command(work, cache, extra), env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {last}" in again.stderr  # "resumed from ... at step N"
     got = _losses(work)

@@ -1,0 +1,72 @@
+"""The one place a projection kernel is applied, with its optional low-rank adapter (LoRA).
+
+Every projection of the model (attention q/k/v/o, the GeGLU MLP, the SigLIP tower's projections,
+the multimodal projector) computes
+
+    y = einsum(equation, x, W)                       W = module.<name>, dequantised if stored quantised
+      + (x . A) . B * alpha / rank                   when module.<name>_lora holds an adapter
+
+where the kernel's leading `in_dims` axes are the ones `x` contracts (its trailing axes), A is
+`[*in, rank]` and B `[rank, *out]`. That is PEFT's LoRA on the matching `nn.Linear`, with
+`lora_A.weight = A.T` and `lora_B.weight = B.T` once the dims are flattened in the same order, and
+B starts at zero so an adapted model equals its base. Adapters are `nnx.LoRAParam`s, so
+`nnx.state(model, nnx.LoRAParam)` is exactly what fine-tuning trains; `t5gemma2_jax.adapters`
+adds and folds them.
+
+Dropout on the adapter's input (PEFT's `lora_dropout`) draws from the key the train step gives the
+forward pass (`nn.rng`), folded with the adapter's name.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5gemma2_jax.nn.quant import QuantizedKernel
+from t5gemma2_jax.nn.rng import current_dropout_key
+
+class LoRA(nnx.Module):
+    """A low-rank update `[*in] -> rank -> [*out]` of one kernel (see the module docstring)."""
+
+    def __init__(self, a: jax.Array, b: jax.Array, *, in_dims: int, alpha: float, dropout: float,
+                 axes_a: tuple, axes_b: tuple, name: str):
+        self.a = nnx.LoRAParam(a, logical_axes=axes_a)
+        self.b = nnx.LoRAParam(b, logical_axes=axes_b)
+        self.in_dims = in_dims
+        self.rank = int(a.shape[-1])
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self._salt = zlib.crc32(name.encode())   # a fixed per-site stream of the dropout key
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        key = current_dropout_key()
+        if self.dropout > 0 and key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self._salt), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        # x's trailing `in_dims` axes contract with A's leading ones, then rank with B's first.
+        h = jnp.tensordot(x, self.a[...].astype(dtype), axes=self.in_dims)
+        return jnp.tensordot(h, self.b[...].astype(dtype), axes=1) * jnp.asarray(self.scale, dtype)
+
+    def delta(self) -> jax.Array:
+        """The update of the kernel itself, `A . B * scale`, shaped like the kernel."""
+        return jnp.tensordot(self.a[...], self.b[...], axes=1) * self.scale
+
+
+def kernel(module: nnx.Module, name: str) -> jax.Array:
+    """The value of kernel `name` of `module`, dequantised when it is stored quantised."""
+    w = getattr(module, name)
+    return w.dequantize() if isinstance(w, QuantizedKernel) else w[...]
+
+
+def project(module: nnx.Module, name: str, equation: str, x: jax.Array, dtype) -> jax.Array:
+    """`einsum(equation, x, module.<name>)` plus the kernel's adapter when it has one."""
+    y = jnp.einsum(equation, x, kernel(module, name).astype(dtype))
+    lora = getattr(module, f"{name}_lora", None)
+    return y if lora is None else y + lora(x, dtype).astype(y.dtype)
