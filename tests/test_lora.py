@@ -147,6 +147,7 @@ def test_generation_on_an_adapted_model_equals_transformers_with_peft(hf_dir, tm
     assert not np.array_equal(plain[:, :ref.shape[1]], ref)
 
 
+@pytest.mark.slow
 def test_generation_on_a_quantized_base_equals_its_dequantized_kernels(hf_dir):
     _, path = hf_dir
     ids, mask, _, _ = text_inputs(2)

@@ -31,6 +31,7 @@ def _full_run(workdir: Path, seed: int = 0, steps: int = 2) -> dict:
     return train(cfg, workdir, batches=SyntheticBatches(cfg.data, cfg.model_config()))
 
 
+@pytest.mark.slow
 def test_only_the_adapters_train(tmp_path):
     cfg = small_config(lora={"rank": 4, "alpha": 8})
     trainer = Trainer.build(cfg)
@@ -102,6 +103,7 @@ def test_lora_checkpoints_hold_the_adapters_and_refuse_another_base(tmp_path):
         Trainer.build(small_config()).state_from_pretrained(str(tmp_path / "lora"))
 
 
+@pytest.mark.slow
 def test_init_from_a_training_checkpoint_equals_its_export(tmp_path):
     full = _full_run(tmp_path / "full")
     trainer = Trainer.build(small_config())
@@ -133,6 +135,7 @@ def test_a_lora_sft_run_on_the_chat_data_lowers_the_loss(tmp_path, quantize):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
 
 
+@pytest.mark.slow
 def test_adapter_dropout_draws_from_the_step_key_in_training_only():
     from t5gemma2_jax.train.config import LoraConfig
     from t5gemma2_jax.train.state import ModelDef
