@@ -149,13 +149,6 @@ def lora_sites(model: T5Gemma2) -> list[tuple[Site, LoRA]]:
     return out
 
 
-def _delta(site: Site, lora: LoRA) -> jax.Array:
-    """`A . B * scale` shaped like the kernel (each layer's own when stacked)."""
-    a, b = lora.a[...].astype(jnp.float32), lora.b[...].astype(jnp.float32)
-    one = lambda a, b: jnp.tensordot(a, b, axes=1) * lora.scale  # noqa: E731
-    return jax.vmap(one)(a, b) if site.stacked else one(a, b)
-
-
 def merge_lora(model: T5Gemma2) -> T5Gemma2:
     """Folds every adapter into its kernel and removes it (in place; returns `model`): the result
     is a plain model, for `save_hf` or for serving without the adapter's extra matmuls. A
@@ -165,7 +158,7 @@ def merge_lora(model: T5Gemma2) -> T5Gemma2:
         name = site.path[-1]
         var = getattr(module, name)
         base = kernel(module, name)
-        merged = (base.astype(jnp.float32) + _delta(site, lora))
+        merged = base.astype(jnp.float32) + lora.delta()
         if isinstance(var, QuantizedKernel):
             setattr(module, name, nnx.Param(merged.astype(var.dtype), logical_axes=_logical_axes(var.codes)))
         else:

@@ -55,8 +55,11 @@ class LoRA(nnx.Module):
         return jnp.tensordot(h, self.b[...].astype(dtype), axes=1) * jnp.asarray(self.scale, dtype)
 
     def delta(self) -> jax.Array:
-        """The update of the kernel itself, `A . B * scale`, shaped like the kernel."""
-        return jnp.tensordot(self.a[...], self.b[...], axes=1) * self.scale
+        """The update of the kernel itself, `A . B * scale` in float32, shaped like the kernel
+        (each layer's own when the adapter is stacked over a scanned block's layers)."""
+        a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
+        one = lambda a, b: jnp.tensordot(a, b, axes=1) * self.scale  # noqa: E731
+        return jax.vmap(one)(a, b) if a.ndim == self.in_dims + 2 else one(a, b)
 
 
 def kernel(module: nnx.Module, name: str) -> jax.Array:

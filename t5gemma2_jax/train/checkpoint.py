@@ -102,8 +102,6 @@ class CheckpointMismatch(CheckpointError):
 
 def _words(x: jax.Array) -> jax.Array:
     """The bits of `x` as uint32 words, elementwise (no reshape, so a sharded array stays put)."""
-    if jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 8:    # int4 / uint4 (nf4 codes)
-        x = x.astype(jnp.int8 if jnp.issubdtype(x.dtype, jnp.signedinteger) else jnp.uint8)
     bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
     u = x if x.dtype == bits else jax.lax.bitcast_convert_type(x, bits)
     return u.astype(jnp.uint32)

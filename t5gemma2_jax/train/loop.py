@@ -138,8 +138,8 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     peak, peak_src = flops_lib.peak_flops_per_device(mesh.devices.flat[0], t.peak_tflops)
     log.info("%.4g TFLOP per step (analytic); peak %.4g TFLOP/s per device (%s)", step_flops / 1e12, peak / 1e12, peak_src)
     meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": trainer.model_config.to_dict()}
-    if not trainer.saves_base:
-        meta["base_checksums"] = checksums(state["frozen"])
+    if not trainer.saves_base:     # on resume, the ones `_restore` has just verified the base against
+        meta["base_checksums"] = meta_in.get("base_checksums") or checksums(state["frozen"])
     divergence = Divergence(t.max_nonfinite_steps, meta_in.get("nonfinite_steps", 0))
 
     progress = Progress(t.steps, start, enabled=t.progress_bar and pidx == 0)
