@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Generate text from a trained or released T5Gemma 2, streaming tokens as they come.
 
-    # a checkpoint written by scripts/train.py (its workdir, or the workdir's export/ folder)
+    # a checkpoint written by scripts/train.py: its workdir (the newest complete step, also of a
+    # run stopped early), one step directory, or the workdir's export/ folder
     python scripts/generate.py --checkpoint /tmp/tiny --prompt "a red circle" --mode "[S2S]"
+    python scripts/generate.py --checkpoint /tmp/tiny/checkpoints/100 --prompt "a red circle" --mode "[S2S]"
     # an SFT model, with an image and Gemma's chat template
     python scripts/generate.py --checkpoint /tmp/tiny_sft --chat --image scene.png \
         --prompt "What colour is the circle?"
@@ -26,68 +28,16 @@ from pathlib import Path
 import numpy as np
 
 
-def _load_base(path: Path, dtype, with_images: bool, flag: str):
-    import t5gemma2_jax as tg
-    from t5gemma2_jax.checkpoints.export import is_export, load_export
-    from t5gemma2_jax.configlib import ConfigError
-
-    export = path / "export" if (path / "export").is_dir() else path
-    if is_export(export):
-        return load_export(export, dtype=dtype.name)
-    if (path / "config.json").is_file():
-        return tg.load_hf(path, dtype=dtype, text_only=not with_images)
-    raise ConfigError(f"{flag} {path}: neither a params export (scripts/train.py writes WORKDIR/export) nor a "
-                      "Hugging Face directory (config.json)")
-
-
 def _load_model(a, with_images: bool):
-    """(model, the training work directory or None): the base, quantised and with its adapter when
-    asked for (or when --checkpoint is a LoRA run's work directory)."""
-    import jax.numpy as jnp
-
+    """(model, where it came from): the checkpoint, quantised and with an adapter when asked for."""
     import t5gemma2_jax as tg
-    from t5gemma2_jax.configlib import ConfigError
 
-    dtype = jnp.dtype(a.dtype)
-    adapter, quantize = a.adapter, a.quantize_base
-    if a.hf:
-        model, workdir = _load_base(Path(a.hf), dtype, with_images, "--hf"), None
-    else:
-        workdir = Path(a.checkpoint)
-        if not workdir.is_dir():
-            raise ConfigError(f"--checkpoint {workdir}: not a directory")
-        if (workdir / "adapter").is_dir() and not (workdir / "export").is_dir() and (workdir / "config.yaml").exists():
-            from t5gemma2_jax.train.config import load_config
-
-            run = load_config(workdir / "config.yaml")
-            if not run.train.init_from:
-                raise ConfigError(f"--checkpoint {workdir}: the LoRA run trained on a random base (no "
-                                  "train.init_from); there is no base to load")
-            adapter = adapter or str(workdir / "adapter")
-            quantize = quantize or run.lora.quantize_base
-            model = _load_base(Path(run.train.init_from), dtype, with_images, "train.init_from")
-        else:
-            model = _load_base(workdir, dtype, with_images, "--checkpoint")
-    if quantize and quantize != "none":
-        tg.quantize_base(model, quantize)
-    if adapter:
-        tg.load_peft(model, adapter)
-    return model, workdir
-
-
-def _tokenizer(a, workdir, vocab_size: int):
-    from t5gemma2_jax.configlib import ConfigError
-    from t5gemma2_jax.data import DataConfig, Tokenizer, load_tokenizer, tiny_tokenizer_path
-
-    if a.tokenizer:
-        return load_tokenizer(DataConfig(tokenizer=a.tokenizer))
-    if workdir is not None and (workdir / "config.yaml").exists():
-        from t5gemma2_jax.train.config import load_config
-
-        return load_tokenizer(load_config(workdir / "config.yaml").data)
-    if vocab_size == 512:
-        return Tokenizer(tiny_tokenizer_path())
-    raise ConfigError("--tokenizer: pass the model's SentencePiece tokenizer.model")
+    src = tg.find_source(a.hf or a.checkpoint, what="--hf" if a.hf else "--checkpoint")
+    if a.hf and src.kind != "hf":
+        from t5gemma2_jax.configlib import ConfigError
+        raise ConfigError(f"--hf {a.hf}: not a Hugging Face directory (config.json); use --checkpoint")
+    model = tg.load(src, dtype=a.dtype, text_only=not with_images, adapter=a.adapter, quantize_base=a.quantize_base)
+    return model, src
 
 
 def main(argv=None) -> int:
@@ -100,8 +50,9 @@ def main(argv=None) -> int:
 def generate_text(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a training workdir or its export/ folder (a LoRA run's workdir: its "
-                     "base with its adapter)")
+    src.add_argument("--checkpoint", help="a training workdir (its newest complete checkpoint), a step directory "
+                     "(WORKDIR/checkpoints/<step>), a params export or a Hugging Face directory (a LoRA run's "
+                     "workdir: its base with its adapters)")
     src.add_argument("--hf", help="a Hugging Face T5Gemma 2 directory")
     p.add_argument("--adapter", help="a PEFT LoRA directory to apply (unmerged), e.g. a LoRA run's WORKDIR/adapter")
     p.add_argument("--quantize-base", choices=("none", "int8", "nf4"),
@@ -127,9 +78,9 @@ def generate_text(argv=None) -> str:
     from t5gemma2_jax.data.prompts import encode_prompt
     from t5gemma2_jax.generation import generate_stream
 
-    model, workdir = _load_model(a, with_images=bool(a.image))
+    model, src = _load_model(a, with_images=bool(a.image))
     cfg = model.config
-    tok = _tokenizer(a, workdir, cfg.vocab_size)
+    tok = tg.load_tokenizer_for(src, cfg, a.tokenizer)
     pixels = None
     if a.image:
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -104,8 +104,14 @@ def load_export(directory: str | Path, *, mesh: Mesh | None = None, rules: Rules
     With a `mesh` the parameters are sharded by the logical-axis rules; otherwise they go to the
     first local device."""
     cfg = read_export_config(directory)
-    if overrides:
-        cfg = cfg.replace(**overrides)
+    return model_from_arrays(cfg.replace(**overrides) if overrides else cfg,
+                             lambda shapes, shardings: load_export_arrays(directory, shapes, shardings), mesh, rules)
+
+
+def model_from_arrays(cfg: T5Gemma2Config, read: Callable[[dict, dict | None], dict[str, jax.Array]],
+                      mesh: Mesh | None = None, rules: Rules | None = None) -> T5Gemma2:
+    """A `T5Gemma2(cfg)` whose parameters are `read(shapes, shardings)` (flat, by `param_name`),
+    nothing else allocated: shardings by the logical-axis rules on `mesh`, or None (first device)."""
     abstract = nnx.eval_shape(lambda: T5Gemma2(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     flat = {param_name(p): (p, v) for p, v in nnx.to_flat_state(params)}
@@ -113,6 +119,6 @@ def load_export(directory: str | Path, *, mesh: Mesh | None = None, rules: Rules
     shardings = None
     if mesh is not None:
         shardings = {n: NamedSharding(mesh, variable_spec(v, mesh, rules)[0]) for n, (_, v) in flat.items()}
-    arrays = load_export_arrays(directory, shapes, shardings)
+    arrays = read(shapes, shardings)
     params = nnx.from_flat_state([(p, v.replace(arrays[n])) for n, (p, v) in flat.items()])
     return nnx.merge(graphdef, params, rest)

@@ -179,13 +179,17 @@ def read_run_meta(step_dir: Path) -> dict:
         raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({e})") from None
 
 
-def load_run_params(step_dir: Path, shapes: dict[str, jax.ShapeDtypeStruct], shardings: dict[str, Any]
-                    ) -> dict[str, jax.Array]:
+def load_run_params(step_dir: Path, shapes: dict[str, jax.ShapeDtypeStruct], shardings: dict[str, Any] | None = None,
+                    *, adapters: bool = False) -> dict[str, jax.Array]:
     """The model parameters named in `shapes` from training checkpoint `step_dir` (its `params`
-    and `frozen` groups, whichever holds each), placed with `shardings` and verified against the
-    checksums the run saved; the optimizer state stays on disk."""
+    and `frozen` groups, whichever holds each), placed with `shardings` (default: the first local
+    device) and verified against the checksums the run saved; the optimizer state stays on disk.
+    A LoRA run's checkpoint holds only adapters: read them with `adapters=True`."""
+    if shardings is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = {n: dev for n in shapes}
     meta = read_run_meta(step_dir)
-    if "base_checksums" in meta:
+    if "base_checksums" in meta and not adapters:
         raise CheckpointError(f"{step_dir}: a LoRA run's checkpoint holds adapters, not a model; its model is "
                               f"its base ({meta.get('config', {}).get('train', {}).get('init_from')}) with the run's "
                               "adapter directory (WORKDIR/adapter: generate.py --adapter, or load_peft + merge_lora)")
