@@ -22,6 +22,7 @@ from t5gemma2_jax.train.checkpoint import Checkpointer, checksums
 from t5gemma2_jax.train.config import ExperimentConfig
 from t5gemma2_jax.train.data import make_batches
 from t5gemma2_jax.train.metrics import MetricsWriter, Progress
+from t5gemma2_jax.train.plots import save_loss_plot
 from t5gemma2_jax.train.setup import PreemptionGuard, prepare, save_resolved_config
 from t5gemma2_jax.train.step import CompiledSteps
 from t5gemma2_jax.train.trainer import Trainer
@@ -165,6 +166,7 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
                 eval_metrics = evaluate(steps, state, trainer, eval_batches() if eval_batches
                                         else make_batches(cfg, trainer.model_config, "eval", pidx, pcount), t.eval_steps)
                 writer.write(step, eval_metrics)
+                save_loss_plot(workdir, enabled=pidx == 0)
                 progress.write(f"step {step}: eval_loss {eval_metrics['eval_loss']:.4f}")
                 summary["eval_loss"] = eval_metrics["eval_loss"]
             summary["step"] = step
@@ -186,6 +188,7 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     divergence.flush()
     progress.close()
     writer.close()
+    save_loss_plot(workdir, enabled=pidx == 0)
     summary.update(nonfinite_steps=divergence.total, last_applied_step=divergence.last_good,
                    data_stats=data.stats())
     if hasattr(data, "skip_summary"):
