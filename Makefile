@@ -5,10 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed-test
+TBSTAMP := $(VENV)/.installed-tensorboard
+# What `make tensorboard` serves (a parent directory shows each run below it).
+LOGDIR ?= workdirs
 # The tested versions of every dependency (see the file's header).
 PIN    := -c constraints.txt
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo test test-slow test-all tensorboard clean
 
 $(BASE): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +24,14 @@ $(STAMP): $(BASE)
 	touch $(STAMP)
 
 install: $(BASE)
+
+$(TBSTAMP): $(BASE)
+	$(PY) -m pip install -q $(PIN) -e '.[tensorboard]'
+	touch $(TBSTAMP)
+
+# TensorBoard over the runs' event files (WORKDIR/tensorboard/): `make tensorboard LOGDIR=/tmp/run200`.
+tensorboard: $(TBSTAMP)
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
 # Train the tiny model on the demo data (CPU, a few minutes), generate, show what it learned.
 demo: $(BASE)
