@@ -129,6 +129,74 @@ def test_streaming_yields_the_greedy_tokens(pair):
     np.testing.assert_array_equal(streamed, greedy[:, :streamed.shape[1]])
 
 
+def test_repetition_penalty_equals_transformers_processor():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from t5gemma2_jax.generation.controls import initial_seen, make_controls, mark_seen
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 50)).astype(np.float32) * 3
+    history = rng.integers(3, 50, (4, 6))
+    history[:, 0] = 2                                   # the decoder start token
+    for penalty in (0.7, 1.3):
+        want = RepetitionPenaltyLogitsProcessor(penalty)(torch.as_tensor(history), torch.as_tensor(logits)).numpy()
+        controls = make_controls(vocab_size=50, eos_id=1, repetition_penalty=penalty)
+        seen = initial_seen(4, 50, 2, controls)
+        for t in range(1, history.shape[1]):
+            seen = mark_seen(seen, jnp.asarray(history[:, t]))
+        got = np.asarray(controls.apply(jnp.asarray(logits), jnp.int32(5), seen))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert (got != logits).any()
+
+
+@pytest.mark.parametrize("method,beams", [("greedy", 1), ("beam", 3)])
+def test_controls_match_transformers_generate(pair, method, beams):
+    hf, model = pair
+    ids, mask, _, _ = text_inputs(1)
+    ours_kw = dict(max_new_tokens=N, method=method, num_beams=beams)
+    plain = np.asarray(tg.generate(model, ids, mask, **ours_kw))
+    eos = int(plain[0, 1])                          # row 0 would stop at its second token
+    banned = sorted({int(plain[1, 0]), int(plain[2, 2])} - {eos})
+    ours_kw["eos_id"] = eos
+    controls = dict(suppress_tokens=banned, min_new_tokens=5, repetition_penalty=1.8)
+    ours = np.asarray(tg.generate(model, ids, mask, **ours_kw, **controls))
+    hf_kw = dict(num_beams=beams, early_stopping=True) if method == "beam" else {}
+    ref = _hf_generate(hf, ids, mask, eos_token_id=eos, pad_token_id=0, **hf_kw, **controls)
+    ref[np.cumsum(np.cumsum(ref == eos, axis=1), axis=1) > 1] = 0    # HF's beam search pads with eos
+    np.testing.assert_array_equal(ours, ref)
+    assert not np.isin(ours, banned).any() and (ours[:, :5] != eos).all()
+    assert (ours != np.asarray(tg.generate(model, ids, mask, **ours_kw))).any()
+
+
+def test_controls_in_sampling_and_streaming(pair):
+    _, model = pair
+    ids, mask, _, _ = text_inputs(4)
+    plain = np.asarray(tg.generate(model, ids, mask, max_new_tokens=N, method="sample", rng=5, temperature=3.0))
+    banned = np.unique(plain[:, :3]).tolist()
+    sampled = np.asarray(tg.generate(model, ids, mask, max_new_tokens=N, method="sample", rng=5, temperature=3.0,
+                                     suppress_tokens=banned))
+    assert not np.isin(sampled, banned).any()
+    controls = dict(suppress_tokens=banned, min_new_tokens=3, repetition_penalty=1.5)
+    greedy = np.asarray(tg.generate(model, ids, mask, max_new_tokens=N, **controls))
+    streamed = np.stack(list(generate_stream(model, ids, mask, max_new_tokens=N, **controls)), axis=1)
+    np.testing.assert_array_equal(streamed, greedy[:, :streamed.shape[1]])
+
+
+def test_bad_controls(pair):
+    _, model = pair
+    ids, _, _, _ = text_inputs(0)
+    with pytest.raises(ValueError, match="suppress_tokens: ids \\[99\\]"):
+        tg.generate(model, ids, suppress_tokens=[3, 99])
+    with pytest.raises(ValueError, match="every token"):
+        tg.generate(model, ids, suppress_tokens=range(99))
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        tg.generate(model, ids, min_new_tokens=-1)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        tg.generate(model, ids, method="beam", repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        next(generate_stream(model, ids, repetition_penalty=-1.0))
+
+
 @pytest.mark.slow
 def test_generation_runs_sharded_on_a_mesh(pair):
     """Parameters sharded by the logical-axis rules over 8 devices give the same tokens."""

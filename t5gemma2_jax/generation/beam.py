@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from t5gemma2_jax.generation.controls import LogitControls, initial_seen, mark_seen
+
 _NEG = -1e30
 
 
@@ -31,7 +33,8 @@ def _reorder(cache: dict, flat_index: jax.Array) -> dict:
 
 
 def beam_search(model, enc, enc_seg, *, num_beams: int, max_new_tokens: int, start_id: int, eos_id: int,
-                pad_id: int, length_penalty: float = 1.0, return_scores: bool = False):
+                pad_id: int, length_penalty: float = 1.0, return_scores: bool = False,
+                controls: LogitControls = LogitControls()):
     B, nb, N = enc.shape[0], num_beams, max_new_tokens
     V = model.config.vocab_size
     cache = model.init_cache(_repeat(enc, nb), _repeat(enc_seg, nb), N)
@@ -44,6 +47,7 @@ def beam_search(model, enc, enc_seg, *, num_beams: int, max_new_tokens: int, sta
     fin_scores = jnp.zeros(score_shape, jnp.float32)
     last = jnp.full((B * nb,), start_id, jnp.int32)
     rows = jnp.arange(B)[:, None]
+    seen = initial_seen(B * nb, V, start_id, controls)
 
     def row_done(fin_score):
         return jnp.sum(fin_score > _NEG / 2, axis=-1) >= nb
@@ -53,9 +57,10 @@ def beam_search(model, enc, enc_seg, *, num_beams: int, max_new_tokens: int, sta
         return (t < N) & ~jnp.all(row_done(fin_score))
 
     def body(c):
-        t, last, cache, alive_seq, alive_logp, alive_scores, fin_seq, fin_score, fin_scores, _ = c
+        t, last, cache, alive_seq, alive_logp, alive_scores, fin_seq, fin_score, fin_scores, seen = c
         logits, cache = model.decode_step(last, cache)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, nb, V)
+        # transformers applies its processors to the log-probabilities in beam search
+        logp = controls.apply(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), t, seen).reshape(B, nb, V)
         cand = (alive_logp[..., None] + logp).reshape(B, nb * V)
         top_val, top_idx = jax.lax.top_k(cand, 2 * nb)                  # [B, 2nb], best first
         parent, token = top_idx // V, (top_idx % V).astype(jnp.int32)
@@ -79,12 +84,14 @@ def beam_search(model, enc, enc_seg, *, num_beams: int, max_new_tokens: int, sta
             fin_scores = jnp.take_along_axis(jnp.concatenate([fin_scores, step_scores], axis=1),
                                              keep[..., None, None], axis=1)
             alive_scores = jnp.take_along_axis(step_scores, alive_pick[..., None, None], axis=1)
-        cache = _reorder(cache, (rows * nb + new_parent).reshape(-1))
+        flat_parent = (rows * nb + new_parent).reshape(-1)
+        cache = _reorder(cache, flat_parent)
         last = jnp.take_along_axis(token, alive_pick, axis=1).reshape(-1)
-        return (t + 1, last, cache, alive_seq, alive_val, alive_scores, fin_seq, keep_score, fin_scores, None)
+        seen = mark_seen(None if seen is None else jnp.take(seen, flat_parent, axis=0), last)
+        return (t + 1, last, cache, alive_seq, alive_val, alive_scores, fin_seq, keep_score, fin_scores, seen)
 
     carry = (jnp.zeros((), jnp.int32), last, cache, alive_seq, alive_logp, alive_scores, fin_seq, fin_score,
-             fin_scores, None)
+             fin_scores, seen)
     t, _, _, alive_seq, alive_logp, alive_scores, fin_seq, fin_score, fin_scores, _ = jax.lax.while_loop(cond, body, carry)
     # Rows that never finished num_beams hypotheses also consider their live beams.
     alive_norm = alive_logp / (t.astype(jnp.float32) ** length_penalty)

@@ -9,6 +9,7 @@ and rows that finished early are padded with pad.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from t5gemma2_jax.generation.beam import beam_search
+from t5gemma2_jax.generation.controls import initial_seen, make_controls, mark_seen
 from t5gemma2_jax.generation.sampling import process_logits
 
 METHODS = ("greedy", "sample", "beam")
@@ -25,10 +27,17 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, *, max_ne
              method: str = "greedy", temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, num_beams: int = 4, length_penalty: float = 1.0,
              rng: jax.Array | int | None = None, image_mask=None, eos_id: int | None = None,
-             pad_id: int | None = None, decoder_start_id: int | None = None, return_scores: bool = False):
+             pad_id: int | None = None, decoder_start_id: int | None = None, return_scores: bool = False,
+             suppress_tokens: Sequence[int] | None = None, min_new_tokens: int = 0,
+             repetition_penalty: float = 1.0):
     """New token ids `[B, max_new_tokens]` (pad after eos); with `return_scores=True` also the
-    float32 logits `[B, max_new_tokens, V]` each step chose from (after temperature/top-k/top-p
-    when sampling; the raw logits for greedy; for beam search the chosen beam's log-probabilities).
+    float32 logits `[B, max_new_tokens, V]` each step chose from (after the controls, then
+    temperature/top-k/top-p when sampling; for beam search the chosen beam's log-probabilities).
+
+    Controls (all methods): `suppress_tokens` never come out; eos cannot come before
+    `min_new_tokens` new tokens; `repetition_penalty` divides (positive) or multiplies (negative)
+    the logits of every decoder id so far in the row, as transformers does (for beam search, the
+    log-probabilities, as there).
     """
     cfg = model.config
     if method not in METHODS:
@@ -57,6 +66,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, *, max_ne
         check_image_placeholders(input_ids, images, cfg.mm_tokens_per_image, cfg.image_token_id)
         if pixel_values.ndim == 5 and image_mask is None:
             image_mask = images
+    eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
+    controls = make_controls(vocab_size=cfg.vocab_size, eos_id=eos_id, suppress_tokens=suppress_tokens,
+                             min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
     if rng is None:
         rng = jax.random.key(0)
     elif isinstance(rng, int):
@@ -64,7 +76,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, *, max_ne
     options = dict(
         method=method, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
         top_p=top_p, num_beams=int(num_beams), length_penalty=float(length_penalty),
-        eos_id=cfg.eos_token_id if eos_id is None else int(eos_id),
+        eos_id=eos_id, controls=controls,
         pad_id=cfg.pad_token_id if pad_id is None else int(pad_id),
         start_id=cfg.bos_token_id if decoder_start_id is None else int(decoder_start_id),
         return_scores=return_scores)
@@ -87,7 +99,8 @@ def _compiled(graphdef, options: tuple):
         if o["method"] == "beam":
             return beam_search(model, enc, enc_seg, num_beams=o["num_beams"], max_new_tokens=o["max_new_tokens"],
                                start_id=o["start_id"], eos_id=o["eos_id"], pad_id=o["pad_id"],
-                               length_penalty=o["length_penalty"], return_scores=o["return_scores"])
+                               length_penalty=o["length_penalty"], return_scores=o["return_scores"],
+                               controls=o["controls"])
         return _decode_loop(model, enc, enc_seg, rng, o)
 
     return run
@@ -99,17 +112,19 @@ def _decode_loop(model, enc, enc_seg, rng, o):
     cache = model.init_cache(enc, enc_seg, N)
     tokens = jnp.full((B, N), o["pad_id"], jnp.int32)
     scores = jnp.zeros((B, N, V) if o["return_scores"] else (0,), jnp.float32)
+    controls = o["controls"]
+    seen = initial_seen(B, V, o["start_id"], controls)
     carry = (jnp.zeros((), jnp.int32), jnp.full((B,), o["start_id"], jnp.int32), jnp.zeros((B,), bool),
-             cache, tokens, scores, rng)
+             cache, tokens, scores, rng, seen)
 
     def cond(c):
         t, _, done, *_ = c
         return (t < N) & ~jnp.all(done)
 
     def body(c):
-        t, last, done, cache, tokens, scores, rng = c
+        t, last, done, cache, tokens, scores, rng, seen = c
         logits, cache = model.decode_step(last, cache)
-        logits = logits.astype(jnp.float32)
+        logits = controls.apply(logits.astype(jnp.float32), t, seen)
         if o["method"] == "greedy":
             chosen_from = logits
             nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -121,7 +136,7 @@ def _decode_loop(model, enc, enc_seg, rng, o):
         tokens = tokens.at[:, t].set(nxt)
         if o["return_scores"]:
             scores = scores.at[:, t].set(chosen_from)
-        return t + 1, nxt, done | (nxt == o["eos_id"]), cache, tokens, scores, rng
+        return t + 1, nxt, done | (nxt == o["eos_id"]), cache, tokens, scores, rng, mark_seen(seen, nxt)
 
-    _, _, _, _, tokens, scores, _ = jax.lax.while_loop(cond, body, carry)
+    _, _, _, _, tokens, scores, _, _ = jax.lax.while_loop(cond, body, carry)
     return tokens, scores

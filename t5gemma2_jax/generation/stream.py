@@ -7,18 +7,20 @@ from Python so a CLI can print tokens as they come. Greedy and sampling only.
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5gemma2_jax.generation.controls import LogitControls, initial_seen, make_controls, mark_seen
 from t5gemma2_jax.generation.sampling import process_logits
 
 
 @functools.lru_cache(maxsize=8)
-def _functions(graphdef, max_new_tokens: int, method: str, temperature: float, top_k, top_p):
+def _functions(graphdef, max_new_tokens: int, method: str, temperature: float, top_k, top_p,
+               controls: LogitControls):
     @jax.jit
     def start(state, ids, mask, pixel_values, image_mask):
         model = nnx.merge(graphdef, state)
@@ -26,36 +28,44 @@ def _functions(graphdef, max_new_tokens: int, method: str, temperature: float, t
         return model.init_cache(enc, seg, max_new_tokens)
 
     @jax.jit
-    def step(state, cache, last, key):
+    def step(state, cache, last, key, t, seen):
         logits, cache = nnx.merge(graphdef, state).decode_step(last, cache)
+        logits = controls.apply(logits.astype(jnp.float32), t, seen)
         if method == "greedy":
-            return jnp.argmax(logits, -1).astype(jnp.int32), cache
-        logits = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        return jax.random.categorical(key, logits, -1).astype(jnp.int32), cache
+            nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        else:
+            logits = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+            nxt = jax.random.categorical(key, logits, -1).astype(jnp.int32)
+        return nxt, cache, mark_seen(seen, nxt)
 
     return start, step
 
 
 def generate_stream(model, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens: int = 64,
                     method: str = "greedy", temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None, rng: int = 0, image_mask=None) -> Iterator[np.ndarray]:
+                    top_p: float | None = None, rng: int = 0, image_mask=None,
+                    suppress_tokens: Sequence[int] | None = None, min_new_tokens: int = 0,
+                    repetition_penalty: float = 1.0) -> Iterator[np.ndarray]:
     """Yield `[B]` token ids per step until every row has emitted eos or `max_new_tokens` is reached.
-    Rows that already finished yield pad."""
+    Rows that already finished yield pad. The controls are `generate`'s."""
     if method not in ("greedy", "sample"):
         raise ValueError(f"streaming supports method 'greedy' or 'sample', got {method!r}")
     cfg = model.config
+    controls = make_controls(vocab_size=cfg.vocab_size, eos_id=cfg.eos_token_id, suppress_tokens=suppress_tokens,
+                             min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     graphdef, state = nnx.split(model)
-    start, step = _functions(graphdef, max_new_tokens, method, float(temperature), top_k, top_p)
+    start, step = _functions(graphdef, max_new_tokens, method, float(temperature), top_k, top_p, controls)
     cache = start(state, ids, mask, None if pixel_values is None else jnp.asarray(pixel_values),
                   None if image_mask is None else jnp.asarray(image_mask, bool))
     last = jnp.full((ids.shape[0],), cfg.bos_token_id, jnp.int32)
     done = np.zeros(ids.shape[0], bool)
+    seen = initial_seen(ids.shape[0], cfg.vocab_size, cfg.bos_token_id, controls)
     key = jax.random.key(rng)
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        last, cache = step(state, cache, last, sub)
+        last, cache, seen = step(state, cache, last, sub, jnp.int32(t), seen)
         tokens = np.where(done, cfg.pad_token_id, np.asarray(last))
         done |= tokens == cfg.eos_token_id
         yield tokens
