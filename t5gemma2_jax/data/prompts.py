@@ -50,3 +50,10 @@ def pad_prompts(rows: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray
     for i, r in enumerate(rows):
         ids[i, :len(r)], mask[i, :len(r)] = r, 1
     return ids, mask
+
+
+def default_suppress_tokens(tok: Tokenizer) -> list[int]:
+    """Ids a completion must never contain: UL2 sentinels and mode tokens, the image
+    placeholder and its start/end markers, pad and bos (training targets never hold them)."""
+    s = tok.special
+    return sorted({*s.sentinels, *s.modes.values(), s.boi, s.eoi, s.image, s.pad, s.bos})

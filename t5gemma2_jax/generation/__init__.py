@@ -3,5 +3,6 @@
 from t5gemma2_jax.generation.generate import generate
 from t5gemma2_jax.generation.scoring import score
 from t5gemma2_jax.generation.stream import generate_stream
+from t5gemma2_jax.generation.texts import generate_texts
 
-__all__ = ["generate", "generate_stream", "score"]
+__all__ = ["generate", "generate_stream", "generate_texts", "score"]
