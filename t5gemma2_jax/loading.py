@@ -31,6 +31,15 @@ from t5gemma2_jax.train.checkpoint import checksums, load_run_params
 from t5gemma2_jax.train.config import ExperimentConfig, from_dict
 from t5gemma2_jax.train.sources import Source, find_source
 
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def run_config(src: Source) -> ExperimentConfig | None:
+    """The training config of the run a checkpoint belongs to (None: no run's)."""
+    raw = src.run_config()
+    return None if raw is None else from_dict(raw)
+
+
 def load(path: str | os.PathLike | Source, *, dtype: str | None = None, text_only: bool = False,
          adapter: str | os.PathLike | None = None, quantize_base: str | None = None, mesh=None,
          rules=None) -> T5Gemma2:

@@ -20,7 +20,6 @@ from t5gemma2_jax.train.checkpoint import read_run_meta, run_checkpoint
 RUN_CONFIG = "config.yaml"   # the resolved config a run writes into its work directory
 
 KINDS = ("run", "export", "hf", "adapter")
-TOKENIZER_FILE = "tokenizer.model"
 
 
 @dataclasses.dataclass(frozen=True)

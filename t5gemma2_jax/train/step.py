@@ -33,9 +33,16 @@ def loss_sums(model_def: ModelDef, params: dict, frozen: dict, batch: Mapping[st
 
 
 def _loss_sums(model_def, params, frozen, batch, z_loss):
-    model = model_def.merge(params, frozen)
+    return batch_loss_sums(model_def.merge(params, frozen), batch, z_loss)
+
+
+def batch_loss_sums(model, batch: Mapping[str, jax.Array], z_loss: float = 0.0
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(sum of token losses incl. z-loss, (sum of cross-entropy, sum of weights)) of a packed
+    batch under `model`: the one teacher-forced loss of training, its evaluation and
+    `scripts/evaluate.py`."""
     images = {}
-    if model_def.config.with_vision and "pixel_values" in batch:
+    if model.config.with_vision and "pixel_values" in batch:
         images = dict(pixel_values=batch["pixel_values"], image_mask=batch.get("image_mask"))
     logits = model(batch["encoder_input_ids"], batch["decoder_input_ids"],
                    encoder_segment_ids=batch["encoder_segment_ids"],

@@ -1,0 +1,37 @@
+"""Generation metrics on held-out examples: the model's completions against the references
+(exact match, ROUGE-L, BLEU, chrF), with every prediction kept for a per-example file."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from t5gemma2_jax.data.elements import Example
+from t5gemma2_jax.data.tokenizer import Tokenizer
+from t5gemma2_jax.evaluation.examples import example_pixels, prompt_ids, reference_text
+from t5gemma2_jax.evaluation.metrics import text_metrics
+from t5gemma2_jax.generation import generate_texts
+
+
+def generation_eval(model, tok: Tokenizer, examples: Sequence[Example], *, max_images: int = 0,
+                    image_size: int = 0, batch_size: int = 16, progress: Callable[[int], None] | None = None,
+                    **generate_kw) -> tuple[dict, list[dict]]:
+    """(metrics, one row per example: prompt, reference, prediction) of `examples`' completions
+    (greedy by default; `generate_kw` go to `generate_texts`: method, num_beams, max_new_tokens, stop, ...)."""
+    if not examples:
+        raise ValueError("no examples to generate for")
+    predictions: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        images = example_pixels(chunk, max_images, image_size)
+        predictions += generate_texts(model, tok, [prompt_ids(ex, tok.special.bos) for ex in chunk],
+                                      pixel_values=None if images is None else images[0],
+                                      image_mask=None if images is None else images[1],
+                                      batch_size=batch_size, **generate_kw)
+        if progress:
+            progress(len(chunk))
+    references = [reference_text(ex, tok) for ex in examples]
+    image = tok.special.image
+    rows = [{"prompt": tok.decode([int(t) for t in prompt_ids(ex, tok.special.bos) if t != image]), "reference": r,
+             "prediction": p}
+            for ex, r, p in zip(examples, references, predictions)]
+    return {**text_metrics(predictions, references), "examples": len(examples)}, rows

@@ -1,0 +1,147 @@
+"""`evaluate(checkpoint, data)`: load anything `t5gemma2_jax.load` reads, then on an evaluation file
+the teacher-forced loss and perplexity (pretraining text or SFT conversations, per UL2 task when
+the text is scored under several), generation metrics (SFT: the last model turn is the reference;
+text: the continuation of a prefix) and multiple-choice accuracy; results as one JSON object,
+predictions one JSON line per example."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from t5gemma2_jax.configlib import ConfigError
+from t5gemma2_jax.data.config import DataConfig
+from t5gemma2_jax.data.pipeline import check_data_files
+from t5gemma2_jax.evaluation.choices import choice_eval, read_choice_records
+from t5gemma2_jax.evaluation.examples import Skipped, iter_examples, record_kind
+from t5gemma2_jax.evaluation.generation import generation_eval
+from t5gemma2_jax.evaluation.perplexity import perplexity
+from t5gemma2_jax.evaluation.placement import default_mesh, place
+from t5gemma2_jax.loading import find_source, load, load_tokenizer_for, run_config
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    generate: bool = False          # also generation metrics (SFT data, or pretraining text's prefixes)
+    max_examples: int | None = None  # at most this many examples generated for / choice records
+    max_batches: int | None = None   # at most this many loss batches
+    batch_size: int | None = None    # default: the training run's data.batch_size
+    encoder_length: int | None = None
+    decoder_length: int | None = None
+    max_new_tokens: int | None = None   # default: the decoder length
+    method: str = "greedy"
+    num_beams: int = 4
+    stop: tuple[str, ...] = ()
+    chat: bool = False              # choice prompts in the chat template
+    mode: str | None = None         # choice prompts after a UL2 mode token
+    progress: bool = True
+
+
+def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None = None, dtype: str | None = None,
+             options: EvalOptions = EvalOptions(), out: str | os.PathLike | None = None,
+             predictions: str | os.PathLike | None = None) -> dict:
+    """The results (see the module docstring); written to `out` and `predictions` when given."""
+    check_data_files(DataConfig(eval=data))
+    src = find_source(checkpoint)
+    model = load(src, dtype=dtype)
+    tok = load_tokenizer_for(src, model.config, tokenizer)
+    run = run_config(src)
+    kind = record_kind(data)
+    cfg = _data_config(run.data if run is not None else DataConfig(), model.config, data, kind, options, tok)
+    mesh, rules = default_mesh()
+    placed = place(model, mesh, rules)
+    results: dict = {"checkpoint": str(checkpoint), "source": src.kind, "step": src.step, "data": data, "kind": kind}
+    rows: list[dict] = []
+    skipped = Skipped()
+    with _bar(options.progress, "evaluate") as bar:
+        if kind == "choice":
+            records = read_choice_records(data, skipped)[:options.max_examples]
+            metrics, rows = choice_eval(placed, mesh, rules, tok, records, chat=options.chat, mode=options.mode,
+                                        progress=bar.update)
+            results.update(metrics)
+        else:
+            loss = perplexity(placed, mesh, rules, cfg, tok, max_batches=options.max_batches, progress=bar.update)
+            if not loss["tokens"]:
+                raise ConfigError(f"--data {data}: no usable example ({loss['records_seen']} records, skipped: "
+                                  f"{loss['skipped'] or 'none'})")
+            results.update(loss)
+            if options.generate:
+                examples = []
+                for ex in iter_examples(cfg, tok, data, skipped):
+                    examples.append(ex)
+                    if options.max_examples is not None and len(examples) >= options.max_examples:
+                        break
+                if not examples:
+                    raise ConfigError(f"--data {data}: no example to generate for (skipped: {skipped.counts or 'none'})")
+                metrics, rows = generation_eval(
+                    model, tok, examples, max_images=cfg.max_images_per_row if model.config.with_vision else 0,
+                    image_size=cfg.image_size, batch_size=cfg.batch_size, progress=bar.update,
+                    max_new_tokens=options.max_new_tokens or cfg.decoder_length, method=options.method,
+                    num_beams=options.num_beams, stop=options.stop)
+                results.update(metrics)
+    if skipped.total:
+        results["generation_skipped" if kind != "choice" else "skipped"] = skipped.counts
+        results["skipped_places"] = skipped.places
+    results["config"] = {"data": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ul2_denoisers"},
+                         "options": dataclasses.asdict(options), "tokenizer": str(tok.path)}
+    if predictions is not None and rows:
+        _write_lines(Path(predictions), rows)
+        results["predictions"] = str(predictions)
+    if out is not None:
+        _write_json(Path(out), results)
+    return results
+
+
+def _data_config(base: DataConfig, model_config, data: str, kind: str, o: EvalOptions, tok) -> DataConfig:
+    images = base.max_images_per_row if model_config.with_vision else 0
+    return dataclasses.replace(
+        base, eval=data, kind="sft" if kind == "sft" else "pretrain", tokenizer=str(tok.path),
+        batch_size=o.batch_size or base.batch_size, encoder_length=o.encoder_length or base.encoder_length,
+        decoder_length=o.decoder_length or base.decoder_length, max_images_per_row=images, num_workers=0,
+        max_bad_fraction=1.0)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bar(enabled: bool, desc: str):
+    return tqdm(desc=desc, unit=" batches/examples", dynamic_ncols=True) if enabled else _NoBar()
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(obj), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_lines(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
