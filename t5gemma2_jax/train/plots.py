@@ -51,10 +51,10 @@ def run_rows(workdir: str | Path) -> list[dict]:
     return read_metrics(workdir)
 
 
-def _require(steps: list[int], metric: str, workdir: Path, rows: list[dict]) -> None:
-    if not steps:
+def _require(found: bool, what: str, workdir: Path, rows: list[dict]) -> None:
+    if not found:
         keys = sorted({k for r in rows for k in r if k != "step"})
-        raise PlotError(f"{workdir / METRICS_FILE}: no row has a number under {metric!r} "
+        raise PlotError(f"{workdir / METRICS_FILE}: no row has a number under {what} "
                         f"(keys there: {', '.join(keys) or 'none'})")
 
 
@@ -84,14 +84,16 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     workdir = Path(workdir)
     rows = run_rows(workdir)
     train_steps, train_loss = series(rows, "loss")
-    _require(train_steps, "loss", workdir, rows)
     eval_steps, eval_loss = series(rows, "eval_loss")
+    # A fine-tune evaluates at step 0, before its first train row: that picture is one point.
+    _require(bool(train_steps or eval_steps), "'loss' or 'eval_loss'", workdir, rows)
     lr_steps, lr = series(rows, LR_KEY)
 
     fig = _figure(5.0 if lr else 3.5)
     axes = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1]) if lr else [fig.subplots()]
     ax = axes[0]
-    ax.plot(train_steps, train_loss, label="train loss")
+    if train_steps:
+        ax.plot(train_steps, train_loss, label="train loss")
     if eval_steps:
         ax.plot(eval_steps, eval_loss, "o-", label="eval loss")
     ax.set_ylabel("cross-entropy")
@@ -123,7 +125,7 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path, metric: str = "lo
     for w in workdirs:
         rows = run_rows(w)
         steps, values = series(rows, metric)
-        _require(steps, metric, w, rows)
+        _require(bool(steps), repr(metric), w, rows)
         curves.append((steps, values))
 
     fig = _figure(4.0)

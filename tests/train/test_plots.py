@@ -69,6 +69,17 @@ def test_plot_run_without_eval_or_lr_rows(tmp_path):
     assert _png_size(plots.plot_run(run, tmp_path / "elsewhere" / "x.png")) == (700, 350)
 
 
+def test_plot_run_at_a_fine_tunes_first_evaluation(tmp_path):
+    """Step 0's evaluation comes before any train row: one eval point, no error."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss": 2.5}) + "\n")
+    assert _png_size(plots.plot_run(run)) == (700, 350)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_tokens": 3.0}) + "\n")
+    with pytest.raises(plots.PlotError, match="no row has a number under 'loss' or 'eval_loss'"):
+        plots.plot_run(run)
+
+
 def test_plot_leaves_pyplot_alone(tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt
@@ -147,8 +158,8 @@ def test_a_plot_that_fails_during_training_is_a_warning(tmp_path, monkeypatch, c
 
 
 def test_training_draws_loss_png_and_a_failed_picture_does_not_stop_it(tmp_path, monkeypatch, caplog):
-    """The loop redraws loss.png at each evaluation and at the end; the first drawing fails here
-    (a warning), the run goes on and the later ones land."""
+    """The loop redraws loss.png at each evaluation and at the end; the drawing at the evaluation
+    fails here (a warning), the run goes on and the one at the end lands."""
     from helpers import small_config
     from t5gemma2_jax.train import train
     from t5gemma2_jax.train.data import SyntheticBatches
@@ -162,11 +173,11 @@ def test_training_draws_loss_png_and_a_failed_picture_does_not_stop_it(tmp_path,
         return real(workdir, out)
 
     monkeypatch.setattr(plots, "plot_run", first_fails)
-    cfg = small_config(train={"steps": 2, "eval_every": 1, "checkpoint_every": 2, "tensorboard": False})
+    cfg = small_config(train={"steps": 1, "eval_every": 1, "checkpoint_every": 1, "tensorboard": False})
     model = cfg.model_config()
     evals = lambda: SyntheticBatches(cfg.data, model, split="eval", eval_batches=1)  # noqa: E731
     with caplog.at_level(logging.WARNING, logger=plots.__name__):
         summary = train(cfg, tmp_path, batches=SyntheticBatches(cfg.data, model), eval_batches=evals)
-    assert summary["step"] == 2 and len(calls) == 3          # evals at steps 1 and 2, then the end
+    assert summary["step"] == 1 and len(calls) == 2          # the evaluation at step 1, then the end
     assert "RuntimeError: the backend fell over" in caplog.text
     assert _png_size(tmp_path / "loss.png") == (700, 500)
