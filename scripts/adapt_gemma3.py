@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Build T5Gemma 2 from a Hugging Face Gemma 3 checkpoint and write it out.
 
-    python scripts/adapt_gemma3.py --gemma3 gemma-3-270m --out t5g2-270m --rope-global-factor 8
+    python scripts/adapt_gemma3.py --gemma3 gemma-3-270m --out t5g2-270m
+    python scripts/adapt_gemma3.py --gemma3 gemma-3-270m --out t5g2-270m-release --rope-global-factor 8 \
+        --max-position-embeddings 131072      # the released T5Gemma 2's RoPE and length
     python scripts/adapt_gemma3.py --gemma3 gemma-3-4b-pt --out t5g2-4b --format orbax --dtype bfloat16
 
 --format hf (default) writes a directory `T5Gemma2ForConditionalGeneration.from_pretrained` and
@@ -33,6 +35,8 @@ _OVERRIDES = [
     ("--rope-local-factor", "rope_local_factor", float, "linear RoPE factor of local layers"),
     ("--rope-local-theta", "rope_local_theta", float, "RoPE base of local layers"),
     ("--sliding-window", "sliding_window", int, "window of local layers (W keys)"),
+    ("--max-position-embeddings", "max_position_embeddings", int,
+     "longest sequence per tower (default the source's: 32768 for 270M/1B, 131072 for 4B+; release: 131072)"),
 ]
 
 
@@ -84,7 +88,8 @@ def adapt(argv=None):
     info["format"] = args.format
     info["overrides"] = overrides
     (out / "adaptation.json").write_text(json.dumps(info, indent=1))
-    print(json.dumps({k: info[k] for k in ("vocab", "tokens", "eoi_embedding", "vision", "rope")}, indent=1))
+    print(json.dumps({k: info[k] for k in ("vocab", "tokens", "eoi_embedding", "vision", "rope",
+                                           "max_position_embeddings")}, indent=1))
     print(f"wrote {args.format} checkpoint to {out}")
     return model
 

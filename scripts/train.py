@@ -8,8 +8,10 @@ model.remat=full data.batch_size=64`). Rerunning the same command resumes from t
 checkpoint in WORKDIR/checkpoints. Everything is validated before anything is compiled; a bad
 config, a config that does not fit the machine, missing data or a checkpoint that cannot be read
 or written exits with status 2 and one line naming the problem. `--check` stops after validation
-(data files included). SIGTERM and Ctrl-C save a checkpoint and exit with status 143 and 130; a run
-that keeps producing non-finite losses stops with status 3, its checkpoints as they were.
+(data files, the tokenizer against the model, and `train.init_from`'s kind and architecture, which
+the model takes; its weights are not read). SIGTERM and Ctrl-C save a checkpoint and exit with
+status 143 and 130; a run that keeps producing non-finite losses stops with status 3, its
+checkpoints as they were.
 
 Fake CPU devices for trying meshes on one machine: `--cpu_devices 8` (or
 XLA_FLAGS=--xla_force_host_platform_device_count=8).
@@ -58,7 +60,7 @@ def _run(args) -> int:
     if args.check:
         mesh = trainer.mesh
         print(f"ok: mesh {dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} "
-              f"devices, global batch {cfg.data.batch_size}, workdir {workdir}")
+              f"devices, global batch {cfg.data.batch_size}, workdir {workdir}" + _init_from(cfg))
         return 0
     summary = train(cfg, workdir)
     print(closing_summary(summary), file=sys.stderr)
@@ -71,6 +73,16 @@ def _run(args) -> int:
 
 
 DIVERGED = 3
+
+
+def _init_from(cfg) -> str:
+    """What --check read of train.init_from (its config, not its weights)."""
+    if cfg.train.init_from is None:
+        return ""
+    from t5gemma2_jax.train.sources import find_source
+
+    src = find_source(cfg.train.init_from, what="train.init_from")
+    return f", model from train.init_from ({src.kind}: {src.path})"
 
 
 def closing_summary(s: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from dataclasses import dataclass, field
 
 from t5gemma2_jax import configlib
@@ -30,6 +31,8 @@ EMBEDDINGS = ("tied", "untied")
 # config that differs from its own only in these.
 RUNTIME_FIELDS = ("with_vision", "dtype", "param_dtype", "scan_layers", "remat", "attention_backend",
                   "attention_block_size")
+# TextConfig fields that size a tower's parameters (width, MLP, layers, heads): what a model size is.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 __all__ = ["ConfigError"]  # re-exported: the one error type of every config
 
@@ -225,10 +228,24 @@ class T5Gemma2Config:
                 continue
             if isinstance(value, dict):
                 diffs += [f"{key}.{k}: {a} {v!r} != {b} {theirs[key][k]!r}" for k, v in value.items()
-                          if v != theirs[key][k]]
-            elif value != theirs[key]:
+                          if not same_value(v, theirs[key][k])]
+            elif not same_value(value, theirs[key]):
                 diffs.append(f"{key}: {a} {value!r} != {b} {theirs[key]!r}")
         return diffs
+
+
+def same_value(a, b) -> bool:
+    """Config values equal, floats once rounded to float32: checkpoints store some (rms_norm_eps) as
+    float32, so 1e-6 comes back as 9.999999974752427e-07 and is still the same model."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    if numbers and (isinstance(a, float) or isinstance(b, float)):
+        return a == b or _float32(a) == _float32(b)
+    return a == b
+
+
+def _float32(x: float) -> float:
+    rounded = struct.unpack("f", struct.pack("f", x))[0]
+    return x if math.isinf(rounded) else rounded       # beyond float32's range: only equal to itself
 
 
 # ---------------------------------------------------------------------------------------------

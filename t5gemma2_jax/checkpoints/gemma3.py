@@ -24,8 +24,9 @@ The decisions (see docs/adaptation.md):
   default (`eoi_init="source"`) it is the source row at the eoi id times sqrt(D), computed exactly
   as the embedder computes it: every token id then embeds exactly as in Gemma 3.
   `eoi_init="zeros"` gives transformers' initialisation instead.
-* RoPE, windows, layer types, `query_pre_attn_scalar`, final-logit soft-capping follow the
-  source unless overridden (the released T5Gemma 2 uses `rope_global_factor=8.0` at every size).
+* RoPE, windows, layer types, `query_pre_attn_scalar`, final-logit soft-capping and
+  `max_position_embeddings` follow the source unless overridden (the released T5Gemma 2 uses
+  `rope_global_factor=8.0` and 131072 positions at every size).
 
 The property that makes this checkable: with every encoder position masked out
 (`attention_mask` all zeros), merged attention reduces to causal self-attention and the adapted
@@ -55,7 +56,7 @@ from t5gemma2_jax.checkpoints.hf_vision import PROJECTOR_PREFIX, VISION_PREFIX, 
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointDir, CheckpointError
 from t5gemma2_jax.checkpoints.staging import HostStaging, get_path
 from t5gemma2_jax.checkpoints.triage import DUPLICATED, MISMATCHED, UNKNOWN, KeyTriage
-from t5gemma2_jax.config import ConfigError, T5Gemma2Config, TextConfig, VisionConfig
+from t5gemma2_jax.config import SHAPE_FIELDS, ConfigError, T5Gemma2Config, TextConfig, VisionConfig
 from t5gemma2_jax.model import T5Gemma2
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ GEMMA3_IMAGE_TOKEN = 262_144
 DEFAULT_MM_TOKENS = 256
 EOI_INITS = ("source", "zeros")
 
-# TextConfig fields fixed by the source's tensors (an override could only fail to load).
-_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 _TEXT_FIELDS = tuple(f.name for f in dataclasses.fields(TextConfig))
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(T5Gemma2Config) if f.name not in ("encoder", "decoder"))
 
@@ -172,7 +171,7 @@ def read_gemma3_config(d: dict) -> Gemma3Source:
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:
     text_kw, model_kw = {}, {}
     for key, value in overrides.items():
-        if key in _SHAPE_FIELDS:
+        if key in SHAPE_FIELDS:          # fixed by the source's tensors: an override could only fail to load
             raise ConfigError(f"adapt_gemma3: {key} comes from the source checkpoint and cannot be overridden")
         if key in ("encoder", "decoder"):
             raise ConfigError(f"adapt_gemma3: {key} is built from the source; override its fields by name "
@@ -183,7 +182,7 @@ def _split_overrides(overrides: dict) -> tuple[dict, dict]:
             model_kw[key] = value
         else:
             raise ConfigError(f"adapt_gemma3: unknown override {key!r}; expected a TextConfig field "
-                              f"{sorted(set(_TEXT_FIELDS) - set(_SHAPE_FIELDS))} or a T5Gemma2Config field "
+                              f"{sorted(set(_TEXT_FIELDS) - set(SHAPE_FIELDS))} or a T5Gemma2Config field "
                               f"{sorted(_MODEL_FIELDS)}")
     return text_kw, model_kw
 
@@ -412,6 +411,7 @@ def adapt_gemma3(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None
                  "global": {"theta": c.rope_global_theta, "factor": c.rope_global_factor}},
         "source_rope": {"local": {"theta": src.text.rope_local_theta, "factor": src.text.rope_local_factor},
                         "global": {"theta": src.text.rope_global_theta, "factor": src.text.rope_global_factor}},
+        "max_position_embeddings": c.max_position_embeddings,
         "skipped_tensors": skipped,
     }
     log.info("adapt_gemma3: %s", json.dumps(info))

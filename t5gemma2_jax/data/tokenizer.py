@@ -36,6 +36,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from t5gemma2_jax.configlib import ConfigError
+
 GEMMA3_VOCAB_SIZE = 262_144
 # Ids of the T5Gemma 2 (Gemma 3) vocabulary for pieces a Gemma 3 file may lack.
 GEMMA3_DEFAULT_IDS = {"boi": 255_999, "eoi": 256_000, "image": 256_001,
@@ -87,15 +89,30 @@ class Tokenizer:
         self._load()
 
     def _load(self) -> None:
+        """Reads and validates the file: ConfigError naming it and the problem, never a raw
+        sentencepiece error."""
         import sentencepiece as spm
 
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"data.tokenizer: no SentencePiece model at {self.path!r}")
-        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (OSError, RuntimeError) as e:
+            raise self._error(f"is not a usable SentencePiece model ({type(e).__name__}: {e})") from None
         self.vocab_size: int = self._sp.get_piece_size()
-        self.special = self._find_special_ids()
+        if self._sp.unk_id() < 0:
+            # Every lookup of a piece the model lacks then fails (sentencepiece: "piece id is out of range").
+            raise self._error("has no UNKNOWN piece (type UNKNOWN, usually <unk>); SentencePiece cannot "
+                              "look up missing pieces without one: retrain it with unk_id set")
+        try:
+            self.special = self._find_special_ids()
+            self._double_newline = self.encode("\n\n")
+        except (IndexError, RuntimeError) as e:
+            raise self._error(f"is not a usable SentencePiece model ({type(e).__name__}: {e})") from None
         self._reserved = self.special.reserved()
-        self._double_newline = self.encode("\n\n")
+
+    def _error(self, problem: str) -> ConfigError:
+        return ConfigError(f"data.tokenizer: {self.path!r} {problem}")
 
     def __getstate__(self):
         return {"path": self.path, "overrides": self.overrides, "num_sentinels": self.num_sentinels}
@@ -113,8 +130,8 @@ class Tokenizer:
     def _find_special_ids(self) -> SpecialIds:
         unknown = set(self.overrides) - set(PIECE_NAMES) - {"modes", "sentinels"}
         if unknown:
-            raise ValueError(f"data.tokenizer_overrides: unknown names {sorted(unknown)}; "
-                             f"known: {sorted(PIECE_NAMES)}")
+            raise ConfigError(f"data.tokenizer_overrides: unknown names {sorted(unknown)}; "
+                              f"known: {sorted(PIECE_NAMES)}")
         ids: dict[str, int] = {}
         for role, piece in PIECE_NAMES.items():
             if role in self.overrides:
@@ -124,14 +141,13 @@ class Tokenizer:
             if found is None and role in GEMMA3_DEFAULT_IDS and self.vocab_size >= GEMMA3_VOCAB_SIZE:
                 found = GEMMA3_DEFAULT_IDS[role]
             if found is None:
-                raise ValueError(
-                    f"tokenizer {self.path!r} has no piece {piece!r} (role {role!r}); "
-                    f"pass data.tokenizer_overrides='{role}=<id>'")
+                raise self._error(f"has no piece {piece!r} (role {role!r}); "
+                                  f"pass data.tokenizer_overrides='{role}=<id>'")
             ids[role] = found
         for role, i in ids.items():
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"tokenizer: id {i} for {role!r} is outside the vocabulary "
-                                 f"of {self.vocab_size} pieces")
+                raise self._error(f"has no id {i} for {role!r} (data.tokenizer_overrides): the vocabulary "
+                                  f"has {self.vocab_size} pieces")
 
         unused = sorted(
             (int(m.group(1)), i) for i in range(self.vocab_size)
@@ -144,13 +160,12 @@ class Tokenizer:
             found = self._piece_id(name)
             if found is None:  # Gemma 3 has no [NLU] pieces: use the first free <unusedN>.
                 if not pool:
-                    raise ValueError(f"tokenizer {self.path!r}: no piece {name!r} and no "
-                                     "<unusedN> piece left for it")
+                    raise self._error(f"has no piece {name!r} and no <unusedN> piece left for it")
                 found = pool.pop(0)
             modes[name] = found
         sentinels = tuple(pool[: self.num_sentinels])
         if not sentinels:
-            raise ValueError(f"tokenizer {self.path!r}: no <unusedN> pieces for UL2 sentinels")
+            raise self._error("has no <unusedN> pieces left for the UL2 sentinels")
         return SpecialIds(modes=modes, sentinels=sentinels, **ids)
 
     # ---- encoding -------------------------------------------------------------------------

@@ -13,8 +13,11 @@ A config file has six sections, each optional:
 
 `model` names a preset (`t5gemma2_jax.preset`) and overrides any `T5Gemma2Config` field, nested
 ones (`encoder`, `decoder`, `vision`) included; changing a tower's `num_layers` without giving its
-`layer_types` re-derives Gemma 3's 5-local:1-global pattern. A file may start from another with
-`base: other.yaml` (relative to it) and state only what differs. Every key is checked by the config
+`layer_types` re-derives Gemma 3's 5-local:1-global pattern. With `train.init_from` the
+architecture is the checkpoint's instead (`ExperimentConfig.model_config`): the runtime fields
+still come from `model`, fields given there must equal the checkpoint's, and the preset must be its
+size. A file may start from another with `base: other.yaml` (relative to it) and state only what
+differs. Every key is checked by the config
 engine (`t5gemma2_jax.configlib`): an unknown key or a value of the wrong type raises `ConfigError`
 naming the key (with a close match if there is one). Overrides are `dotted.key=value` with the
 value read as YAML (`train.steps=200`, `optim.learning_rate=1e-4`, `data.train=null`,
@@ -31,7 +34,8 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from t5gemma2_jax import configlib
-from t5gemma2_jax.config import PRESETS, ConfigError, T5Gemma2Config, TextConfig, default_layer_types, preset
+from t5gemma2_jax.config import (PRESETS, RUNTIME_FIELDS, SHAPE_FIELDS, ConfigError, T5Gemma2Config, TextConfig,
+                                 default_layer_types, preset, same_value)
 from t5gemma2_jax.configlib import require as _require
 from t5gemma2_jax.data.config import DataConfig
 
@@ -205,10 +209,17 @@ class ExperimentConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def model_config(self) -> T5Gemma2Config:
-        """The model config; `with_vision` follows the data (images on) unless set explicitly."""
+        """The model config: the preset with the `model.*` overrides or, with `train.init_from`, the
+        checkpoint's own architecture with the config's runtime fields (`_from_checkpoint`);
+        `with_vision` follows the data (images on) unless set explicitly. With `train.init_from`
+        this reads the checkpoint's config (not its weights) and checks it against the data."""
         cfg = self.model.build()
         if "with_vision" not in self.model.overrides:
             cfg = cfg.replace(with_vision=self.data.images_enabled)
+        if self.train.init_from is None:
+            return cfg
+        cfg = _from_checkpoint(self.model, cfg, self.train.init_from)
+        _check_model(self, cfg)
         return cfg
 
     def to_dict(self) -> dict:
@@ -255,8 +266,17 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
 
 
 def _check_cross(cfg: ExperimentConfig) -> None:
-    """Consistency between sections that needs no devices."""
-    m = cfg.model_config()
+    """Consistency between sections that needs no devices (and, with `train.init_from`, no file:
+    `model_config()` checks the model against the data once it has read the checkpoint's)."""
+    d, t = cfg.data, cfg.train
+    _require(d.batch_size % t.microbatches == 0, "train.microbatches",
+             f"{t.microbatches} does not divide data.batch_size={d.batch_size}")
+    if t.init_from is None:
+        _check_model(cfg, cfg.model_config())
+
+
+def _check_model(cfg: ExperimentConfig, m: T5Gemma2Config) -> None:
+    """The model config `m` against the data, train and lora sections."""
     d, t = cfg.data, cfg.train
     if d.images_enabled:
         _require(m.with_vision, "model.with_vision",
@@ -270,8 +290,6 @@ def _check_cross(cfg: ExperimentConfig) -> None:
                                 ("decoder_length", d.decoder_length, m.decoder)):
         _require(length <= tower.max_position_embeddings, f"data.{name}",
                  f"{length} exceeds the model's max_position_embeddings={tower.max_position_embeddings}")
-    _require(d.batch_size % t.microbatches == 0, "train.microbatches",
-             f"{t.microbatches} does not divide data.batch_size={d.batch_size}")
     if cfg.lora.enabled:
         from t5gemma2_jax.adapters import select_sites
 
@@ -306,3 +324,47 @@ def _build_model_config(name: str, overrides: dict) -> T5Gemma2Config:
         else:
             changes[key] = value
     return cfg.replace(**changes) if changes else cfg
+
+
+def _from_checkpoint(spec: ModelSpec, configured: T5Gemma2Config, path: str) -> T5Gemma2Config:
+    """The architecture of the checkpoint at `path` with the runtime fields (`RUNTIME_FIELDS`:
+    dtype, remat, ...) of `configured`. The `model.*` fields given explicitly must be the
+    checkpoint's, and the preset must be its size (the batch, mesh and remat of a config are chosen
+    for one size); the preset's other values (RoPE, eps, max positions, token ids) are the
+    checkpoint's, so a checkpoint adapted with other settings needs no override."""
+    # Imported here so that reading a config file does not load the checkpoint readers.
+    from t5gemma2_jax.train.sources import find_source
+
+    checkpoint = find_source(path, what="train.init_from").model_config()
+    given = _given_differences(spec.overrides, checkpoint)
+    if given:
+        raise ConfigError(f"train.init_from: {path} has another architecture than the model.* fields given "
+                          f"(the model is the checkpoint's; drop them or make them match): " + "; ".join(given))
+    size = [f"{tower}.{name}: checkpoint {getattr(getattr(checkpoint, tower), name)} != preset "
+            f"{getattr(getattr(configured, tower), name)}"
+            for tower in ("encoder", "decoder") for name in SHAPE_FIELDS
+            if getattr(getattr(checkpoint, tower), name) != getattr(getattr(configured, tower), name)]
+    if size:
+        raise ConfigError(f"train.init_from: {path} is not of model.preset {spec.preset}'s size (set model.preset "
+                          f"or the model.* shape fields to the checkpoint's): " + "; ".join(size[:4]))
+    if configured.with_vision and not checkpoint.with_vision:
+        raise ConfigError(f"train.init_from: {path} has no vision tower but the model would have one (the data "
+                          "has images); set data.max_images_per_row=0 for text-only training")
+    return checkpoint.replace(**{name: getattr(configured, name) for name in RUNTIME_FIELDS})
+
+
+def _given_differences(overrides: Mapping[str, Any], checkpoint: T5Gemma2Config) -> list[str]:
+    """'field: checkpoint X != config Y' for each architecture field in `overrides` (the model
+    section as given, nested for the towers) that differs from the checkpoint's."""
+    theirs = configlib.plain(checkpoint)
+    diffs = []
+    for key, value in overrides.items():
+        if key in RUNTIME_FIELDS:
+            continue
+        items = dict(value).items() if isinstance(theirs[key], dict) else [(None, value)]
+        for sub, v in items:
+            name, have = (key, theirs[key]) if sub is None else (f"{key}.{sub}", theirs[key][sub])
+            v = configlib.plain(v)
+            if not same_value(v, have):
+                diffs.append(f"model.{name}: checkpoint {have!r} != config {v!r}")
+    return diffs

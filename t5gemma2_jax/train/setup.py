@@ -16,6 +16,7 @@ import yaml
 from t5gemma2_jax.config import ConfigError
 from t5gemma2_jax.train.config import ExperimentConfig
 from t5gemma2_jax.train.mesh import SetupError
+from t5gemma2_jax.train.state import pretrained_source
 from t5gemma2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,13 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
 def prepare(cfg: ExperimentConfig, workdir: str | os.PathLike, devices=None) -> tuple[Path, Trainer]:
     """The work directory and the run's `Trainer`, everything validated against the machine;
     raises ConfigError / SetupError naming the problem. Compiles nothing and allocates nothing on
-    the devices."""
+    the devices. `train.init_from` is opened (its kind and architecture, which the model takes;
+    not its weights) and the tokenizer is checked against that model."""
     path = check_workdir(workdir)
     trainer = Trainer.build(cfg, devices=devices)
     t = cfg.train
-    if t.init_from is not None and not Path(t.init_from).is_dir():
-        raise ConfigError(f"train.init_from: {t.init_from!r} is not a directory")
+    if t.init_from is not None:
+        pretrained_source(t.init_from, trainer.model_config)
     if t.data_source == "pipeline":
         if t.eval_every and cfg.data.train and not cfg.data.eval:
             raise ConfigError("train.eval_every > 0 needs held-out data: set data.eval (or train.eval_every=0)")

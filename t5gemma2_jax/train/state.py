@@ -24,14 +24,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5gemma2_jax.adapters import apply_lora, quantize_base
-from t5gemma2_jax.checkpoints.export import flat_params, is_export, load_export_arrays, param_name, read_export_config
+from t5gemma2_jax.checkpoints.export import flat_params, load_export_arrays, param_name
 from t5gemma2_jax.checkpoints.hf import load_hf
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.config import ConfigError, T5Gemma2Config
 from t5gemma2_jax.model import T5Gemma2
 from t5gemma2_jax.sharding import Rules, axis_rules, variable_spec
-from t5gemma2_jax.train.checkpoint import load_run_params, read_run_meta, run_checkpoint
+from t5gemma2_jax.train.checkpoint import load_run_params
 from t5gemma2_jax.train.config import LoraConfig, OptimConfig
+from t5gemma2_jax.train.sources import Source, find_source
 
 log = logging.getLogger(__name__)
 
@@ -246,28 +247,32 @@ def base_def(model_def: ModelDef) -> ModelDef:
     return ModelDef(model_def.config, freeze_vision=False)
 
 
+def pretrained_source(path: str, config: T5Gemma2Config) -> Source:
+    """The checkpoint `path` names (`train.sources.find_source`), checked to hold a whole model of
+    `config`'s architecture; reads its config, not its weights (what `--check` verifies)."""
+    src = find_source(path, what="train.init_from")
+    if src.holds_adapters:
+        raise CheckpointError(f"{src.path}: a LoRA run's checkpoint holds adapters, not a model; start from "
+                              f"its base ({(src.run_config() or {}).get('train', {}).get('init_from')}) or from "
+                              "a merged export (load_peft + merge_lora + save_export)")
+    _same_architecture(src.model_config(), config, path)
+    return src
+
+
 def load_pretrained(path: str, model_def: ModelDef, shardings: TrainState) -> tuple[dict, dict]:
     """(trainable, frozen) parameter arrays of a training checkpoint (a work directory, its
     `checkpoints/` or one `checkpoints/<step>`: the newest step), a params export or a Hugging
     Face checkpoint, placed with the state's shardings."""
     cfg = model_def.config
-    step_dir = run_checkpoint(path)
-    if step_dir is not None and not is_export(path):
-        model_config = read_run_meta(step_dir).get("model_config")
-        if model_config is None:
-            raise CheckpointError(f"{step_dir}: the checkpoint's metadata has no model_config")
-        _same_architecture(T5Gemma2Config.from_dict(model_config), cfg, path)
+    src = pretrained_source(path, cfg)
+    if src.kind in ("run", "export"):
         shapes = {**model_def.shapes("trainable"), **model_def.shapes("frozen")}
-        arrays = load_run_params(step_dir, shapes, {**shardings["params"], **shardings["frozen"]})
-    elif is_export(path):
-        _same_architecture(read_export_config(path), cfg, path)
-        shapes = {**model_def.shapes("trainable"), **model_def.shapes("frozen")}
-        arrays = load_export_arrays(path, shapes, {**shardings["params"], **shardings["frozen"]})
+        load = load_run_params if src.kind == "run" else load_export_arrays
+        arrays = load(src.path, shapes, {**shardings["params"], **shardings["frozen"]})
     else:
         with jax.default_device(jax.devices("cpu")[0]):  # host memory, not one accelerator
-            model = load_hf(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype, text_only=not cfg.with_vision,
+            model = load_hf(src.path, dtype=cfg.dtype, param_dtype=cfg.param_dtype, text_only=not cfg.with_vision,
                             scan_layers=cfg.scan_layers, remat=cfg.remat)
-        _same_architecture(model.config, cfg, path)
         flat = {n: np.asarray(v) for n, v in flat_params(model).items()}
         del model
         sh = {**shardings["params"], **shardings["frozen"]}
@@ -276,10 +281,12 @@ def load_pretrained(path: str, model_def: ModelDef, shardings: TrainState) -> tu
 
 
 def _same_architecture(checkpoint: T5Gemma2Config, config: T5Gemma2Config, path) -> None:
+    """The last guard: `ExperimentConfig.model_config()` takes the architecture from
+    `train.init_from`, so this fails only for another path or a checkpoint changed since."""
     diffs = checkpoint.architecture_differences(config, labels=("checkpoint", "config"))
     if diffs:
-        raise ConfigError(f"train.init_from: {path} has a different architecture than model "
-                          f"(set the model.* overrides to match): " + "; ".join(diffs[:10]))
+        raise ConfigError(f"train.init_from: {path} has a different architecture than the model being "
+                          f"trained: " + "; ".join(diffs[:10]))
 
 
 def count(tree: Any) -> int:
