@@ -69,14 +69,18 @@ def generate_text(argv=None) -> str:
     p.add_argument("--top-p", type=float)
     p.add_argument("--num-beams", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no eos before this many tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (1: off)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--allow-special", action="store_true", help="let completions contain UL2 sentinels, mode "
+                   "and image tokens, pad and bos (suppressed by default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     a = p.parse_args(argv)
 
     import t5gemma2_jax as tg
     from t5gemma2_jax.configlib import ConfigError
     from t5gemma2_jax.data.images import ImageError, load_image, preprocess_image
-    from t5gemma2_jax.data.prompts import encode_prompt
-    from t5gemma2_jax.generation import generate_stream
+    from t5gemma2_jax.data.prompts import default_suppress_tokens, encode_prompt
 
     model, src = _load_model(a, with_images=bool(a.image))
     cfg = model.config
@@ -92,28 +96,44 @@ def generate_text(argv=None) -> str:
                             chat=a.chat, mode=a.mode)[None]
     except ConfigError as e:
         raise ConfigError(f"--{e}") from None
-    out: list[int] = []
+    controls = dict(suppress_tokens=None if a.allow_special else default_suppress_tokens(tok),
+                    min_new_tokens=a.min_new_tokens, repetition_penalty=a.repetition_penalty)
+    try:
+        return _emit(model, tok, ids, pixels, a, controls)
+    except ValueError as e:                      # a control out of range, named by generate
+        raise ConfigError(f"generate: {e}") from None
+
+
+def _emit(model, tok, ids, pixels, a, controls) -> str:
+    """Prints the completion (streamed unless beam search) and returns it, cut at a stop string."""
+    import t5gemma2_jax as tg
+    from t5gemma2_jax.generation import generate_stream
+    from t5gemma2_jax.generation.texts import completion_ids, cut_at_stop
+
+    cfg = model.config
     if a.method == "beam":
         tokens = np.asarray(tg.generate(model, ids, pixel_values=pixels, max_new_tokens=a.max_new_tokens,
-                                        method="beam", num_beams=a.num_beams))[0]
-        out = [int(t) for t in tokens if t not in (cfg.eos_token_id, cfg.pad_token_id)]
-        text = tok.decode(out)
+                                        method="beam", num_beams=a.num_beams, **controls))[0]
+        text = cut_at_stop(tok.decode(completion_ids(tokens, cfg.eos_token_id, cfg.pad_token_id)), a.stop)
         print(text)
         return text
+    out: list[int] = []
     printed = ""
     for step in generate_stream(model, ids, pixel_values=pixels, max_new_tokens=a.max_new_tokens,
                                 method=a.method, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                rng=a.seed):
+                                rng=a.seed, **controls):
         t = int(step[0])
         if t in (cfg.eos_token_id, cfg.pad_token_id):
             break
         out.append(t)
-        text = tok.decode(out)                   # decode the whole prefix: pieces merge across tokens
+        text = cut_at_stop(tok.decode(out), a.stop)   # decode the whole prefix: pieces merge across tokens
         sys.stdout.write(text[len(printed):])
         sys.stdout.flush()
         printed = text
+        if len(text) < len(tok.decode(out)):          # a stop string appeared
+            break
     sys.stdout.write("\n")
-    return tok.decode(out)
+    return printed
 
 
 if __name__ == "__main__":

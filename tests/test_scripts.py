@@ -90,7 +90,7 @@ def test_generate_names_bad_input_on_one_line(tiny_export, capsys):
                                       "(['[NLG]', '[NLU]', '[S2S]'])\n"
     assert generate.main(["--checkpoint", str(tiny_export.parent), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --checkpoint") and "neither a params export" in err and err.count("\n") == 1
+    assert err.startswith("error: --checkpoint") and "neither a training work directory" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -96,7 +96,8 @@ class PadBatch(grain.transforms.Map):
                 for k, v in batch.items()}
 
 
-def _data_path(cfg: DataConfig, split: str) -> str:
+def split_path(cfg: DataConfig, split: str) -> str:
+    """The files of `split` ("train" / "eval"): the configured ones, else the demo dataset's."""
     if split == "train":
         if cfg.train:
             return cfg.train
@@ -120,7 +121,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", process_index: int = 0,
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     tok = tokenizer or load_tokenizer(cfg)
-    source = open_source(records if records is not None else _data_path(cfg, split),
+    source = open_source(records if records is not None else split_path(cfg, split),
                          cfg.image_root)
     train = split == "train"
     if len(source) == 0:

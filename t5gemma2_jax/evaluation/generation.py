@@ -19,16 +19,14 @@ def generation_eval(model, tok: Tokenizer, examples: Sequence[Example], *, max_i
     (greedy by default; `generate_kw` go to `generate_texts`: method, num_beams, max_new_tokens, stop, ...)."""
     if not examples:
         raise ValueError("no examples to generate for")
-    predictions: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        images = example_pixels(chunk, max_images, image_size)
-        predictions += generate_texts(model, tok, [prompt_ids(ex, tok.special.bos) for ex in chunk],
-                                      pixel_values=None if images is None else images[0],
-                                      image_mask=None if images is None else images[1],
-                                      batch_size=batch_size, **generate_kw)
-        if progress:
-            progress(len(chunk))
+    images = example_pixels(list(examples), max_images, image_size)
+    # One call: every batch padded to one shape, so one compiled program serves them all.
+    predictions = generate_texts(model, tok, [prompt_ids(ex, tok.special.bos) for ex in examples],
+                                 pixel_values=None if images is None else images[0],
+                                 image_mask=None if images is None else images[1], batch_size=batch_size,
+                                 **generate_kw)
+    if progress:
+        progress(len(examples))
     references = [reference_text(ex, tok) for ex in examples]
     image = tok.special.image
     rows = [{"prompt": tok.decode([int(t) for t in prompt_ids(ex, tok.special.bos) if t != image]), "reference": r,

@@ -127,6 +127,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic evaluation
     eval_steps: int = 20  # at most this many eval batches per evaluation (the split is one pass)
+    eval_at_start: bool | None = None  # evaluate before the first step (None: when init_from is set)
+    eval_generate_every: int = 0  # generation metrics on held-out examples every N steps (0: never)
+    eval_generate_examples: int = 16  # that many held-out examples (the eval split's first ones)
+    eval_generate_tokens: int = 0  # at most this many new tokens each (0: data.decoder_length)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3  # the last K checkpoints are kept ...
     keep_best: bool = False  # ... plus the one with the lowest eval loss
@@ -144,7 +148,7 @@ class TrainConfig:
         for name in ("steps", "microbatches", "log_every", "eval_steps", "checkpoint_every",
                      "keep_checkpoints", "max_nonfinite_steps"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "seed"):
+        for name in ("eval_every", "seed", "eval_generate_every", "eval_generate_tokens"):
             _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         _require(self.z_loss >= 0, "train.z_loss", f"must be >= 0, got {self.z_loss}")
         _require(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
@@ -154,6 +158,14 @@ class TrainConfig:
                  f"{self.distributed!r} not in {DISTRIBUTED}")
         _require(not (self.keep_best and self.eval_every == 0), "train.keep_best",
                  "needs periodic evaluation (train.eval_every > 0)")
+        _require(self.eval_generate_examples >= 1, "train.eval_generate_examples",
+                 f"must be >= 1, got {self.eval_generate_examples}")
+        _require(not (self.eval_generate_every and self.data_source != "pipeline"), "train.eval_generate_every",
+                 "needs held-out examples: train.data_source=pipeline")
+
+    @property
+    def evaluates_at_start(self) -> bool:
+        return bool(self.init_from) if self.eval_at_start is None else self.eval_at_start
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from t5gemma2_jax.train import flops as flops_lib
 from t5gemma2_jax.train.checkpoint import Checkpointer, checksums
 from t5gemma2_jax.train.config import ExperimentConfig
 from t5gemma2_jax.train.data import make_batches
+from t5gemma2_jax.train.heldout import HeldOut
 from t5gemma2_jax.train.metrics import MetricsWriter, Progress
 from t5gemma2_jax.train.plots import save_loss_plot
 from t5gemma2_jax.train.setup import PreemptionGuard, prepare, save_resolved_config
@@ -144,6 +145,28 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     divergence = Divergence(t.max_nonfinite_steps, meta_in.get("nonfinite_steps", 0))
 
     progress = Progress(t.steps, start, enabled=t.progress_bar and pidx == 0)
+    held_out = HeldOut(cfg, trainer.model_config) if t.eval_generate_every else None
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(steps, state, trainer, eval_batches() if eval_batches
+                           else make_batches(cfg, trainer.model_config, "eval", pidx, pcount), t.eval_steps)
+        writer.write(step, metrics)
+        save_loss_plot(workdir, enabled=pidx == 0)
+        progress.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f}")
+        summary["eval_loss"] = metrics["eval_loss"]
+        return metrics
+
+    def run_generation_eval(step: int) -> None:
+        metrics, samples = held_out.evaluate(trainer.model_def.merge(state["params"], state["frozen"]))
+        writer.write(step, {**metrics, "eval_samples": samples})
+        writer.write_text(step, "eval_samples", samples)
+        progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        summary.update(metrics)
+
+    if start == 0 and t.evaluates_at_start:        # the starting point of a fine-tune, in metrics.jsonl
+        run_eval(0)
+        if held_out is not None:
+            run_generation_eval(0)
     pending, last_time, last_step = [], time.time(), start
     with PreemptionGuard() as guard:
         for step in range(start + 1, t.steps + 1):
@@ -163,12 +186,9 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
                 summary["loss"] = row["loss"]
             eval_metrics = None
             if t.eval_every and step % t.eval_every == 0:
-                eval_metrics = evaluate(steps, state, trainer, eval_batches() if eval_batches
-                                        else make_batches(cfg, trainer.model_config, "eval", pidx, pcount), t.eval_steps)
-                writer.write(step, eval_metrics)
-                save_loss_plot(workdir, enabled=pidx == 0)
-                progress.write(f"step {step}: eval_loss {eval_metrics['eval_loss']:.4f}")
-                summary["eval_loss"] = eval_metrics["eval_loss"]
+                eval_metrics = run_eval(step)
+            if t.eval_generate_every and step % t.eval_generate_every == 0:
+                run_generation_eval(step)
             summary["step"] = step
             if divergence.diverged:
                 summary["diverged"] = True

@@ -106,6 +106,14 @@ class MetricsWriter:
                     self.tb.add_scalar(tensorboard_tag(k), v, int(step))
             self.tb.flush()
 
+    def write_text(self, step: int, tag: str, rows: list[dict]) -> None:
+        """Rows of text (sample predictions) as one TensorBoard text entry (metrics.jsonl holds
+        them as a list already)."""
+        if self.enabled and self.tb is not None and rows:
+            self.tb.add_text(tag, "\n\n".join(" | ".join(f"**{k}**: {v}" for k, v in r.items()) for r in rows),
+                             int(step))
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

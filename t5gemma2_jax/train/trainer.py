@@ -73,7 +73,7 @@ class Trainer:
         t = self.cfg.train
         return CompiledSteps(self.model_def, self.tx, self.schedule, self.mesh, self.rules, self.abstract_state,
                              self.state_shardings, self.batch_shapes, z_loss=t.z_loss, microbatches=t.microbatches,
-                             with_eval=t.eval_every > 0 if with_eval is None else with_eval)
+                             with_eval=(t.eval_every > 0 or t.evaluates_at_start) if with_eval is None else with_eval)
 
     def compile_decode(self, max_new_tokens: int | None = None):
         """Encode + init the cache + one decode step, batch and encoder length of the training data,
