@@ -54,7 +54,7 @@ def main(argv=None) -> str:
     table = ["| variant | train loss (last 5 logs) | held-out loss | text params | step time |",
              "|---|---|---|---|---|"]
     table += [f"| `{n}` | {l:.3f} | {e:.3f} | {pp / 1e6:.3f}M | {t * 1e3:.0f} ms |" for n, l, e, pp, t in rows]
-    block = "\n".join([BEGIN, f"`python scripts/run_ablations.py --steps {a.steps}` on a {os.cpu_count()}-core "
+    block = "\n".join([BEGIN, f"`.venv/bin/python scripts/run_ablations.py --steps {a.steps}` on a {os.cpu_count()}-core "
                        f"{platform.machine()} CPU, same seed and data order for every variant:", "",
                        *table, END])
     doc = Path(a.doc)
