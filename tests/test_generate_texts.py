@@ -109,3 +109,19 @@ def test_bad_arguments(tok, model):
         generate_texts(model, tok, prompts, pixel_values=np.zeros((2, 1, 3, 32, 32)))
     with pytest.raises(ValueError, match="batch_size"):
         generate_texts(model, tok, prompts, batch_size=0)
+
+
+def test_score_candidates_equals_scoring_each_pair(tok, model):
+    from t5gemma2_jax.generation import score_candidates
+
+    prompts = _prompts(tok)[:3]
+    cands = [[tok.encode("red."), tok.encode("the square.")], [tok.encode("blue.")],
+             [tok.encode("above the blue circle."), tok.encode("a"), tok.encode("green.")]]
+    got = score_candidates(model, prompts, cands, batch_size=4)
+    assert [len(g) for g in got] == [2, 1, 3]
+    for p, cs, g in zip(prompts, cands, got):
+        for c, value in zip(cs, g):
+            want = float(tg.score(model, p[None], c[None])[0])
+            assert abs(value - want) < 1e-4 * max(1.0, abs(want))
+    with pytest.raises(ValueError, match="2 candidate lists"):
+        score_candidates(model, prompts, cands[:2])

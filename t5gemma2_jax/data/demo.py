@@ -10,6 +10,9 @@ Files (JSONL, the formats the trainer reads):
       descriptions)
   sft_train.jsonl / sft_eval.jsonl  {"messages": [{"role": "user", "content": ...,
       "images": [...]}, {"role": "model", "content": ...}, ...]} (one or two Q/A turns)
+  qa_train.jsonl  {"text": caption + two questions with their answers} (text-only pretraining
+      records: the model learns to answer questions about a scene described in its context;
+      `qa_items` gives held-out questions with their candidate answers to score it on)
 
 Images are inline `data:image/png;base64,...` strings by default (one self-contained file per
 split), or PNG files referenced by relative path (`image_files=True`).
@@ -133,6 +136,60 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     return qa
 
 
+@dataclass(frozen=True)
+class QAItem:
+    """A question about a scene described by `context`, its answer among `candidates`."""
+
+    context: str
+    question: str
+    answer: str
+    candidates: tuple[str, ...]
+
+
+def qa_pairs(scene: Scene) -> list[QAItem]:
+    """The questions of `questions()` whose answer is one of a small closed set (colour, shape,
+    background, relation), each with every answer of that set."""
+    a, ctx = scene.shapes[0], scene.caption()
+    items = [QAItem(ctx, "what color is the background?", f"{scene.background}.",
+                    tuple(f"{c}." for c in sorted(BACKGROUNDS))),
+             QAItem(ctx, f"which shape is {a.color}?", f"the {a.kind}.", tuple(f"the {k}." for k in SHAPES))]
+    colors = tuple(f"{c}." for c in sorted(COLORS))
+    for s in scene.shapes:
+        if sum(o.kind == s.kind for o in scene.shapes) == 1:
+            items.append(QAItem(ctx, f"what color is the {s.kind}?", f"{s.color}.", colors))
+    if len(scene.shapes) == 2:
+        b = scene.shapes[1]
+        items.append(QAItem(ctx, f"where is the {a.color} {a.kind}?", f"{scene.relation} the {b.color} {b.kind}.",
+                            tuple(f"{r} the {b.color} {b.kind}." for r in sorted(RELATIONS))))
+    return items
+
+
+def qa_records(n: int, seed: int, image_dir: Path | None = None) -> list[dict]:
+    """Text-only records: a caption followed by two of its questions, each with its answer."""
+    del image_dir  # no images: the scene is in the text
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        items = rng.sample(qa_pairs(scene), 2)
+        out.append({"text": " ".join([scene.caption()] + [f"{q.question} {q.answer}" for q in items])})
+    return out
+
+
+def qa_items(n: int, seed: int = 6, exclude: set[str] = frozenset()) -> list[QAItem]:
+    """`n` questions about new scenes (their captions not in `exclude`), one per scene."""
+    rng = random.Random(seed)
+    out: list[QAItem] = []
+    for _ in range(100 * n):
+        scene = random_scene(rng)
+        if scene.caption() in exclude:
+            continue
+        out.append(rng.choice(qa_pairs(scene)))
+        if len(out) == n:
+            break
+    return out
+
+
 def _image_ref(png: bytes, index: int, image_dir: Path | None) -> str:
     if image_dir is None:
         return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -193,12 +250,13 @@ SPLITS = {  # name -> (records function, number, seed)
     "pretrain_eval": (pretrain_records, 200, 2),
     "sft_train": (sft_records, 2000, 3),
     "sft_eval": (sft_records, 200, 4),
+    "qa_train": (qa_records, 2000, 5),
 }
 
 
 def write_demo_dataset(out_dir: str | os.PathLike, *, image_files: bool = False,
                        scale: float = 1.0) -> dict[str, str]:
-    """Writes the four JSONL splits into `out_dir`; returns {split: path}. Deterministic."""
+    """Writes the JSONL splits into `out_dir`; returns {split: path}. Deterministic."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -215,10 +273,16 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, image_files: bool = False,
     return paths
 
 
-def demo_paths(kind: str = "pretrain") -> tuple[str, str]:
-    """(train, eval) JSONL paths of the demo dataset for `kind`, generated once into the cache."""
+def demo_split_paths() -> dict[str, str]:
+    """{split: JSONL path} of the demo dataset, generated once into the cache."""
     root = cache_dir() / f"demo-v{DEMO_VERSION}"
     want = {s: root / f"{s}.jsonl" for s in SPLITS}
     if not all(p.exists() for p in want.values()):
         write_demo_dataset(root)
-    return str(want[f"{kind}_train"]), str(want[f"{kind}_eval"])
+    return {s: str(p) for s, p in want.items()}
+
+
+def demo_paths(kind: str = "pretrain") -> tuple[str, str]:
+    """(train, eval) JSONL paths of the demo dataset for `kind`, generated once into the cache."""
+    paths = demo_split_paths()
+    return paths[f"{kind}_train"], paths[f"{kind}_eval"]
