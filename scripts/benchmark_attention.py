@@ -2,10 +2,17 @@
 """Attention cost against sequence length, per backend and layer kind (forward + backward).
 
     python scripts/benchmark_attention.py --lengths 4096 16384 --window 512 --heads 4 --kv-heads 1
+    python scripts/benchmark_attention.py --sweep --preset 270m-270m --lengths 256 512 1024 2048 4096
 
 Local (sliding-window) layers of the blockwise backend should grow linearly with length
 (time at 16K <= 1.3 x 4 x time at 4K); global layers should be no slower than dense.
 Dense is skipped where its [T, T] score matrix would not fit `--dense-limit-gib`.
+
+`--sweep` times dense against blockwise side by side at each length, forward alone and forward +
+backward, for the three masks of a model (encoder local window, encoder global, decoder merged
+over `[--decoder-length self keys | L encoder keys]`), with the head layout, window and block size
+of `--preset`, and prints where blockwise starts to win: the data behind
+`nn.backends.BLOCKWISE_MIN_KEYS`, the length at which `attention_backend="auto"` switches.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5gemma2_jax.nn.backends import attend
-from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window
+from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window, causal_window
 
 
 def _timed(fn, *args, reps=3):
+    """Best of `reps` runs after a compiling one."""
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(reps):
@@ -53,6 +61,56 @@ def run(T, kind, backend, a):
     return _timed(fwd_bwd, q, k, v)
 
 
+def _sweep_inputs(L, kind, a):
+    """(q, k, v, mask) of one row for `kind` at length L (decoder: L encoder keys after the self keys)."""
+    B, H, K, d = a.batch, a.heads, a.kv_heads, a.head_dim
+    T = a.decoder_length if kind == "decoder" else L
+    S = T + L if kind == "decoder" else L
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(B, T, H, d)), a.dtype)
+    k = jnp.asarray(rng.normal(size=(B, S, K, d)), a.dtype)
+    v = jnp.asarray(rng.normal(size=(B, S, K, d)), a.dtype)
+    pos = lambda n: jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))   # noqa: E731
+    if kind == "decoder":
+        kv_pos = jnp.concatenate([pos(T), jnp.zeros((B, L), jnp.int32)], 1)
+        mask = MaskInfo(jnp.ones((B, T), jnp.int32), pos(T), jnp.ones((B, S), jnp.int32), kv_pos, causal=True,
+                        cross_start=T)
+    else:
+        window = bidirectional_window(a.window) if kind == "local" else None
+        mask = MaskInfo(jnp.ones((B, L), jnp.int32), pos(L), jnp.ones((B, L), jnp.int32), pos(L), window=window)
+    return q, k, v, mask
+
+
+def sweep(a) -> list[dict]:
+    """Dense and blockwise at each length, forward and forward + backward, timed side by side."""
+    rows = []
+    for kind in a.kinds:
+        for L in a.lengths:
+            q, k, v, mask = _sweep_inputs(L, kind, a)
+            for mode in ("fwd", "fwd+bwd"):
+                t = {}
+                for backend in ("dense", "blockwise"):
+                    f = lambda q, k, v, backend=backend: attend(q, k, v, mask, scale=a.head_dim ** -0.5,  # noqa: E731
+                                                                 backend=backend, block_size=a.block)
+                    if mode == "fwd":
+                        fn = jax.jit(f)
+                    else:
+                        fn = jax.jit(jax.grad(lambda q, k, v, f=f: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+                    t[backend] = _timed(fn, q, k, v, reps=a.reps)
+                rows.append(dict(kind=kind, length=L, queries=q.shape[1], keys=k.shape[1], mode=mode,
+                                 dense=t["dense"], blockwise=t["blockwise"]))
+                print(f"{kind:7s} L={L:6d} ({q.shape[1]} x {k.shape[1]}) {mode:7s}: dense {t['dense'] * 1e3:9.1f} ms  "
+                      f"blockwise {t['blockwise'] * 1e3:9.1f} ms  dense/blockwise {t['dense'] / t['blockwise']:5.2f}",
+                      flush=True)
+    for kind in a.kinds:
+        for mode in ("fwd", "fwd+bwd"):
+            mine = sorted((r["length"], r["blockwise"] < r["dense"]) for r in rows if (r["kind"], r["mode"]) == (kind, mode))
+            # The shortest length from which blockwise wins at every longer length of the sweep.
+            start = next((L for i, (L, _) in enumerate(mine) if all(w for _, w in mine[i:])), None)
+            print(f"{kind:7s} {mode:7s}: blockwise faster from L = {start or 'never (in this sweep)'}")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
@@ -65,7 +123,25 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--dense-limit-gib", type=float, default=4.0)
     p.add_argument("--json")
+    p.add_argument("--sweep", action="store_true", help="dense against blockwise per length, fwd and fwd+bwd")
+    p.add_argument("--preset", help="take heads, KV heads, head dim, window and block size from this preset")
+    p.add_argument("--kinds", nargs="+", default=["local", "global", "decoder"], choices=["local", "global", "decoder"])
+    p.add_argument("--decoder-length", type=int, default=256, help="self keys of the decoder kind (--sweep)")
+    p.add_argument("--reps", type=int, default=3)
     a = p.parse_args(argv)
+    if a.preset:
+        from t5gemma2_jax.config import preset
+
+        cfg = preset(a.preset)
+        t = cfg.encoder
+        a.heads, a.kv_heads, a.head_dim, a.window, a.block = (t.num_heads, t.num_kv_heads, t.head_dim,
+                                                             t.sliding_window, cfg.attention_block_size)
+    if a.sweep:
+        rows = sweep(a)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(dict(args=vars(a), rows=rows)) + "\n")
+        return 0
     rows = []
     for kind in ("local", "global"):
         for backend in ("blockwise", "dense"):

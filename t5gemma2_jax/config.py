@@ -159,7 +159,7 @@ class T5Gemma2Config:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
-    attention_backend: str = "dense"
+    attention_backend: str = "auto"    # per call: dense, blockwise, splash or cudnn (nn/backends/auto.py)
     attention_block_size: int = 512
 
     def __post_init__(self):

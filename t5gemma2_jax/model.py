@@ -9,9 +9,17 @@ whose attention is merged over [its own keys | encoder keys], sharing one embedd
 batches pass `encoder_segment_ids`/`decoder_segment_ids` (0 = padding, one id per example) and
 per-segment `encoder_positions`/`decoder_positions` instead: a decoder token then sees its own
 segment's earlier decoder tokens and its own segment's encoder tokens only.
+
+Called with concrete arrays, `model(...)`, `encode` and `decode` run one compiled program per
+input shape (`compile_on_first_use`); called while tracing (inside `jax.jit`, `nnx.jit`,
+`jax.grad`, the train step) they are the plain traced code.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +31,71 @@ from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window, causal_window
 from t5gemma2_jax.nn.embed import Embedder
 from t5gemma2_jax.nn.layers import LayerContext
 from t5gemma2_jax.nn.norm import RMSNorm
+from t5gemma2_jax.nn.rng import current_dropout_key, dropout_key
 from t5gemma2_jax.nn.rope import rope_angles
 from t5gemma2_jax.nn.stack import LayerStack
-from t5gemma2_jax.sharding import constrain
+from t5gemma2_jax.sharding import constrain, current_rules
+
+F = TypeVar("F", bound=Callable)
+# Compiled programs kept, one per (function, model structure, static arguments); each holds one
+# executable per input shape.
+_PROGRAMS = 64
+
+
+def _as_array(x):
+    """Nested lists of ids become arrays, so that jit sees one argument, not a tree of scalars."""
+    return np.asarray(x) if isinstance(x, (list, tuple)) else x
+
+
+def _is_static(x) -> bool:
+    return isinstance(x, (bool, int, float, str))
+
+
+def _traced(tree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+@functools.lru_cache(maxsize=_PROGRAMS)
+def _program(fn: Callable, graphdef, static: tuple, rules) -> Callable:
+    # `rules` is part of the key because `constrain` reads them while tracing, from outside jit's view.
+    del rules
+
+    @jax.jit
+    def run(state, args, kwargs, key):
+        with dropout_key(key):
+            return fn(nnx.merge(graphdef, state), *args, **kwargs, **dict(static))
+
+    return run
+
+
+def compile_on_first_use(fn: F) -> F:
+    """`fn(model, *arrays, **kwargs)` through a cached `jax.jit` of its functional form.
+
+    A call with concrete arrays splits the model (`nnx.split`) and runs the program compiled for
+    its structure, its static keyword arguments (Python bools, numbers, strings) and the shapes of
+    its arrays; the parameters are an argument, so new values reuse the program. A call that sees
+    a tracer (in the arguments, the model's state or the dropout key, i.e. inside a transformation)
+    runs `fn` as it is. Image placeholders are checked against `pixel_values` before compiling,
+    since inside the program their values are unknown.
+    """
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(model, *args, **kwargs):
+        args = tuple(_as_array(a) for a in args)
+        kwargs = {k: _as_array(v) for k, v in kwargs.items()}
+        key = current_dropout_key()
+        graphdef, state = nnx.split(model)
+        arrays = {k: v for k, v in kwargs.items() if not _is_static(v)}
+        if _traced((state, args, arrays, key)):
+            return fn(model, *args, **kwargs)
+        bound = signature.bind(model, *args, **kwargs).arguments
+        if bound.get("pixel_values") is not None:
+            model.check_image_inputs(bound["input_ids"], bound["pixel_values"], bound.get("image_mask"))
+        static = tuple(sorted((k, v) for k, v in kwargs.items() if _is_static(v)))
+        return _program(fn, graphdef, static, current_rules())(state, args, arrays, key)
+
+    return call
 
 
 @struct.dataclass
@@ -114,28 +184,35 @@ class T5Gemma2(nnx.Module):
         x = self.embedder.encode(input_ids)
         if pixel_values is None:
             return x
-        if self.vision is None:
-            raise ValueError("pixel_values given but this model was built without its vision tower "
-                             "(with_vision=False / load_hf(..., text_only=True))")
-        from t5gemma2_jax.vision import check_image_placeholders, insert_image_features
+        from t5gemma2_jax.vision import insert_image_features
         pixel_values = jnp.asarray(pixel_values)
-        if pixel_values.ndim == 5:          # per row: [B, M, C, H, W] with image_mask [B, M]
-            if image_mask is None:
-                image_mask = jnp.ones(pixel_values.shape[:2], bool)
-            images = image_mask
-        elif pixel_values.ndim == 4:        # Hugging Face: [N, C, H, W] in row-major placeholder order
-            images = pixel_values.shape[0]
-        else:
-            raise ValueError(f"pixel_values must be [num_images, C, H, W] or [batch, max_images, C, H, W], "
-                             f"got shape {pixel_values.shape}")
-        if not isinstance(input_ids, jax.core.Tracer) and not isinstance(images, jax.core.Tracer):
-            # Value-dependent check: only possible on concrete inputs (the data pipeline checks too).
-            check_image_placeholders(np.asarray(input_ids), images if isinstance(images, int) else np.asarray(images),
-                                     self.config.mm_tokens_per_image, self.config.image_token_id)
+        if pixel_values.ndim == 5 and image_mask is None:      # per row: [B, M, C, H, W], image_mask [B, M]
+            image_mask = jnp.ones(pixel_values.shape[:2], bool)
+        self.check_image_inputs(input_ids, pixel_values, image_mask)
         feats = self.vision(pixel_values)
         return insert_image_features(x, input_ids, feats, self.config.image_token_id,
                                      image_mask if pixel_values.ndim == 5 else None)
 
+    def check_image_inputs(self, input_ids, pixel_values, image_mask=None) -> None:
+        """Raise `ValueError` when `pixel_values` has the wrong rank or, on concrete inputs, when
+        the image placeholders of `input_ids` do not match the images (the data pipeline checks too)."""
+        from t5gemma2_jax.vision import check_image_placeholders
+        if self.vision is None:
+            raise ValueError("pixel_values given but this model was built without its vision tower "
+                             "(with_vision=False / load_hf(..., text_only=True))")
+        ndim = np.ndim(pixel_values)
+        if ndim == 5:                       # per row, with image_mask [B, M] (all valid when absent)
+            images = np.ones(np.shape(pixel_values)[:2], bool) if image_mask is None else image_mask
+        elif ndim == 4:                     # Hugging Face: [N, C, H, W] in row-major placeholder order
+            images = np.shape(pixel_values)[0]
+        else:
+            raise ValueError(f"pixel_values must be [num_images, C, H, W] or [batch, max_images, C, H, W], "
+                             f"got shape {np.shape(pixel_values)}")
+        if not _traced((input_ids, images)):
+            check_image_placeholders(np.asarray(input_ids), images if isinstance(images, int) else np.asarray(images),
+                                     self.config.mm_tokens_per_image, self.config.image_token_id)
+
+    @compile_on_first_use
     def encode(self, input_ids, attention_mask=None, *, pixel_values=None, image_mask=None,
                segment_ids=None, positions=None) -> tuple[jax.Array, jax.Array]:
         """Encoder output `[B, S, D]` and the key segment ids `[B, S]` the decoder's cross part uses."""
@@ -153,6 +230,7 @@ class T5Gemma2(nnx.Module):
         out = constrain(self.encoder(x, ctx), ("batch", "length", "embed"))
         return out, kv_seg
 
+    @compile_on_first_use
     def decode(self, decoder_input_ids, encoder_states: jax.Array, encoder_segment_ids: jax.Array,
                decoder_attention_mask=None, *, segment_ids=None, positions=None) -> jax.Array:
         """Logits `[B, T, V]` given the encoder output and its key segment ids (from `encode`)."""
@@ -239,6 +317,7 @@ class T5Gemma2(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits, {**cache, "layers": layers, "pos": pos, "step": t + 1}
 
+    @compile_on_first_use
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
                  pixel_values=None, *, image_mask=None, encoder_segment_ids=None, decoder_segment_ids=None,
                  encoder_positions=None, decoder_positions=None) -> ModelOutput:

@@ -8,7 +8,8 @@ A backend is a module of this package with a function
 that equals the dense reference (`dense.py`) for every mask `MaskInfo` can describe. Adding one is
 a new file here plus its line in `BACKENDS`; `register` adds one from outside the package (before
 a config naming it is built). Modules load on first use, so a backend's heavy imports (Pallas)
-cost nothing to runs that do not pick it.
+cost nothing to runs that do not pick it. `auto` (the default) is not a kernel of its own: it
+picks one of the others per call (`auto.choose`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from t5gemma2_jax.nn.masks import MaskInfo
 
 # name -> module of this package defining `attention`, or a callable (see `register`).
 BACKENDS: dict[str, str | Callable] = {
+    "auto": "auto",              # the fastest exact one for the call's shapes, mask and target devices
     "dense": "dense",            # materialises the mask and the scores: the reference
     "blockwise": "blockwise",    # online softmax over key blocks, windows visit only their blocks
     "splash": "splash",          # Pallas splash attention (TPU) with lazy masks
@@ -45,6 +47,14 @@ def get(name: str) -> Callable:
     if isinstance(target, str):
         target = BACKENDS[name] = importlib.import_module(f"{__name__}.{target}").attention
     return target
+
+
+def target_platform() -> str:
+    """The platform of the devices the program is traced for: the mesh's under `jax.set_mesh`
+    (which is how a TPU topology is compiled for from a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return jax.default_backend() if device is None else device.platform
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, *, scale: float,

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def _gpu_compute_capability() -> float | None:
+def gpu_compute_capability() -> float | None:
     """Compute capability of the first CUDA device, or None when there is no CUDA device."""
     try:
         devices = jax.devices("gpu")
@@ -72,7 +72,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, scale: f
     platform): the tests use it to check the arguments this module hands to cuDNN.
     """
     if implementation == "cudnn":
-        reason = cudnn_unsupported_reason(q, k, _gpu_compute_capability())
+        reason = cudnn_unsupported_reason(q, k, gpu_compute_capability())
         if reason is not None:
             _log_fallback_once(reason, tuple(q.shape))
             return blockwise.attention(q, k, v, mask, scale, block_size)

@@ -24,6 +24,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+from t5gemma2_jax.nn.backends import target_platform
 from t5gemma2_jax.nn.masks import MaskInfo
 from t5gemma2_jax.sharding import spec_for
 
@@ -122,11 +123,29 @@ def _local_splash(q, k, v, q_seg, kv_seg, *, causal, window, cross_start, scale,
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, d)[:, :T]
 
 
+def splash_unsupported_reason(q: jax.Array, mask: MaskInfo, block_size: int) -> str | None:
+    """Why this kernel cannot run (or has not been built for) these inputs on a TPU, None when it can.
+
+    q `[B, T, H, d]`. The masks it builds are a causal or bidirectional window, full, causal, and the
+    merged mask whose self part is causal; the kernel's tiles are multiples of the 128 TPU lanes.
+    """
+    if block_size % 128:
+        return f"block size {block_size} (splash blocks are multiples of 128)"
+    if q.shape[-1] % 128:
+        return f"head dim {q.shape[-1]} (not a multiple of 128)"
+    window = mask.window
+    if mask.causal and window is not None and window[1] != 0:
+        return f"causal mask with window {window} reaching right of the query"
+    if mask.cross_start not in (None, 0) and not mask.causal:
+        return "merged keys whose self part is not causal"
+    return None
+
+
 def attention(q, k, v, mask: MaskInfo, scale: float, block_size: int = 512,
               interpret: bool | None = None) -> jax.Array:
     """Same contract as `attend`. Positions are assumed contiguous within segments (see blockwise)."""
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = target_platform() != "tpu"
     fn = functools.partial(_local_splash, causal=mask.causal, window=mask.window, cross_start=mask.cross_start,
                            scale=scale, block=block_size, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
