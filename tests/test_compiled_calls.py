@@ -11,6 +11,7 @@ from flax import nnx
 
 import t5gemma2_jax as tg
 from t5gemma2_jax.generation import score
+from t5gemma2_jax.model import _program
 from t5gemma2_jax.nn import backends
 from t5gemma2_jax.nn.backends import dense
 from t5gemma2_jax.nn.rng import dropout_key
@@ -27,15 +28,18 @@ def _counted(q, k, v, mask, scale, block_size=512):
 
 @pytest.fixture
 def traces():
-    backends.register("counted", _counted)
+    """The traces of a counting backend, with no program compiled before the test."""
+    backends.register("counted_traces", _counted)
+    _program.cache_clear()
     TRACES.clear()
     yield TRACES
-    backends.BACKENDS.pop("counted")
+    backends.BACKENDS.pop("counted_traces")
+    _program.cache_clear()
 
 
 def _config(**kw):
     """Two layers per tower (one local, one global), unscanned: small programs that compile fast."""
-    cfg = tg.preset("tiny", with_vision=False).replace(scan_layers=False, attention_backend="counted")
+    cfg = tg.preset("tiny", with_vision=False).replace(scan_layers=False, attention_backend="counted_traces")
     t = cfg.encoder.replace(num_layers=2, layer_types=("sliding_attention", "full_attention"))
     return cfg.replace(encoder=t, decoder=t, **kw)
 
