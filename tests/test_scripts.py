@@ -108,7 +108,11 @@ def test_generate_with_an_adapter_and_from_a_lora_run(tiny_export, tmp_path, cap
     tg.save_peft(model, tmp_path / "adapter")
     tok = Tokenizer(tiny_tokenizer_path())
     ids = encode_prompt(tok, "a red circle", mm_tokens_per_image=model.config.mm_tokens_per_image)[None]
-    want = [int(t) for t in np.asarray(tg.generate(model, ids, max_new_tokens=5))[0]
+    from t5gemma2_jax.data.prompts import default_suppress_tokens
+
+    # generate.py keeps sentinels and other special ids out of completions by default
+    want = [int(t) for t in np.asarray(tg.generate(model, ids, max_new_tokens=5,
+                                                   suppress_tokens=default_suppress_tokens(tok)))[0]
             if t not in (model.config.eos_token_id, model.config.pad_token_id)]
     generate = _script("generate")
     args = ["--prompt", "a red circle", "--max-new-tokens", "5"]
