@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -134,7 +135,8 @@ def main(argv=None):
     p.add_argument("--decoder-length", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--attention", default="dense", choices=("dense", "blockwise", "cudnn"))
+    p.add_argument("--attention", default="auto", choices=("auto", "dense", "blockwise", "cudnn"),
+                   help="the config's attention_backend (default: the package default)")
     p.add_argument("--remat", default="none")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -174,6 +176,10 @@ def main(argv=None):
             th = bench_hf_generate(cfg, B, S, N, a.steps)
             result.update(hf_generate_s=th, generate_speedup_vs_hf=th / t)
             print(f"transformers generate: {th:.3f} s  -> jax is {th / t:.2f}x faster")
+    # The process's high-water mark of host memory (Linux reports KiB): what training or generation
+    # at these shapes needed on this host, parameters, state and compiled programs included.
+    result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak host memory: {result['peak_host_memory_gb']:.2f} GiB")
     print(json.dumps(result))
     if a.json:
         with open(a.json, "a") as f:

@@ -65,6 +65,7 @@ def test_benchmark_times_the_trainers_step(tmp_path):
     result = _script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",
                                         "--steps", "1", "--new-tokens", "4", "--json", str(out)])
     assert result["train_step_s"] > 0 and result["generate_s"] > 0 and result["train_tflops"] > 0
+    assert result["attention"] == "auto" and result["peak_host_memory_gb"] > 0.1
     assert json.loads(out.read_text())["preset"] == "tiny"
 
 
