@@ -68,7 +68,7 @@ def sft_run(tmp_path_factory):
                        train={"steps": 4, "data_source": "pipeline", "checkpoint_every": 2, "export_at_end": False})
     workdir = tmp_path_factory.mktemp("sft_run")
     train(cfg, workdir)
-    assert not (workdir / "export").exists()
+    assert not (workdir / "export").exists() and (workdir / "loss.png").stat().st_size > 0
     return workdir, eval_file
 
 

@@ -111,6 +111,7 @@ def test_bad_arguments(tok, model):
         generate_texts(model, tok, prompts, batch_size=0)
 
 
+@pytest.mark.slow
 def test_score_candidates_equals_scoring_each_pair(tok, model):
     from t5gemma2_jax.generation import score_candidates
 

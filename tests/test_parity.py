@@ -69,17 +69,28 @@ def test_loss_matches(pair):
     assert abs(loss - float(ref.loss)) <= 1e-5
 
 
-@pytest.mark.parametrize("scan", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", [True, False])
 def test_gradients_match(pair, scan):
     """Training depends on the backward pass too: the loss's gradient with respect to every
     parameter equals transformers' (norms per tensor unscanned, whole-model norm scanned, and the
     tied embedding table's gradient entry by entry)."""
+    _check_gradients(*pair, scan)
+
+
+def test_gradients_match_mqa(tmp_path):
+    """The default tier's gradient parity: the multi-query variant (the 270M/1B layout), unscanned."""
+    hf = build_hf_model(seed=7, **VARIANTS["mqa"])
+    hf.save_pretrained(tmp_path)
+    _check_gradients(hf, tmp_path, scan=False)
+
+
+def _check_gradients(hf, path, scan: bool) -> None:
     import torch
     from flax import nnx
 
     from t5gemma2_jax.checkpoints.export import param_name
 
-    hf, path = pair
     ids, mask, dids, dmask = text_inputs(4)
     labels = np.concatenate([dids[:, 1:], np.ones((dids.shape[0], 1), dids.dtype)], axis=1)
     labels[dmask == 0] = -100

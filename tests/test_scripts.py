@@ -29,7 +29,7 @@ def test_aot_compile_on_the_local_devices(tmp_path, capsys):
     result = _script("aot_compile").main([
         "--config", str(ROOT / "configs" / "tiny.yaml"), "--json", str(out), "model.scan_layers=false",
         "data.max_images_per_row=0", "data.encoder_length=32", "data.decoder_length=16",
-        "model.encoder.num_layers=2", "model.decoder.num_layers=2"])
+        "model.encoder.num_layers=2", "model.decoder.num_layers=2", "model.attention_backend=dense"])
     assert result["chips"] == 8 and result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert result["memory_per_chip"]["total"] > 0 and result["generate_memory_per_chip"]["total"] > 0
     # Unscanned and dense: XLA's count is comparable to the analytic one (matmuls only); at width 64

@@ -157,6 +157,7 @@ def test_a_plot_that_fails_during_training_is_a_warning(tmp_path, monkeypatch, c
     assert plots.save_loss_plot(tmp_path / "run", enabled=False) is None
 
 
+@pytest.mark.slow
 def test_training_draws_loss_png_and_a_failed_picture_does_not_stop_it(tmp_path, monkeypatch, caplog):
     """The loop redraws loss.png at each evaluation and at the end; the drawing at the evaluation
     fails here (a warning), the run goes on and the one at the end lands."""
