@@ -88,23 +88,35 @@ def bench_jax_generate(cfg, B, S, N, steps):
     return _time(lambda: np.asarray(tg.generate(model, ids, max_new_tokens=N, eos_id=-1)), steps)
 
 
-def _hf_model(cfg):
+def _hf_model(cfg, device: str = "cpu", dtype: str = "float32"):
+    """transformers' T5Gemma 2 of the same config with random weights, on `device` in `dtype`, with
+    PyTorch's scaled-dot-product attention (its fastest built-in kernel on GPU)."""
     import torch
     from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
     from t5gemma2_jax.checkpoints.hf_config import config_to_hf
 
-    d = config_to_hf(cfg, "float32")
-    hf_cfg = T5Gemma2Config.from_dict(d)
+    hf_cfg = T5Gemma2Config.from_dict(config_to_hf(cfg, "float32"))
     torch.manual_seed(0)
-    return T5Gemma2ForConditionalGeneration(hf_cfg).float()
+    model = T5Gemma2ForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa")
+    return model.to(device=device, dtype=getattr(torch, dtype))
 
 
-def bench_hf_train(cfg, B, S, T, steps):
+def _synced(fn, device: str):
     import torch
 
-    model = _hf_model(cfg).train()
+    def run():
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return run
+
+
+def bench_hf_train(cfg, B, S, T, steps, device="cpu", dtype="float32"):
+    import torch
+
+    model = _hf_model(cfg, device, dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids, dec, tgt = (torch.as_tensor(x, dtype=torch.long) for x in _batch(cfg, B, S, T))
+    ids, dec, tgt = (torch.as_tensor(x, dtype=torch.long, device=device) for x in _batch(cfg, B, S, T))
 
     def run():
         opt.zero_grad(set_to_none=True)
@@ -112,20 +124,20 @@ def bench_hf_train(cfg, B, S, T, steps):
         out.loss.backward()
         opt.step()
 
-    return _time(run, steps)
+    return _time(_synced(run, device), steps)
 
 
-def bench_hf_generate(cfg, B, S, N, steps):
+def bench_hf_generate(cfg, B, S, N, steps, device="cpu", dtype="float32"):
     import torch
 
-    model = _hf_model(cfg).eval()
-    ids = torch.as_tensor(_batch(cfg, B, S, 1)[0], dtype=torch.long)
+    model = _hf_model(cfg, device, dtype).eval()
+    ids = torch.as_tensor(_batch(cfg, B, S, 1)[0], dtype=torch.long, device=device)
 
     def run():
         with torch.no_grad():
             model.generate(input_ids=ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)
 
-    return _time(run, steps)
+    return _time(_synced(run, device), steps)
 
 
 def main(argv=None):
@@ -142,6 +154,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--what", default="train,generate")
     p.add_argument("--vs-hf", action="store_true", help="also time transformers (PyTorch) doing the same work")
+    p.add_argument("--hf-device", default="cpu", help="torch device for --vs-hf (e.g. cuda); dtype as --dtype")
     p.add_argument("--json", help="append the results as one JSON line to this file")
     a = p.parse_args(argv)
 
@@ -165,7 +178,7 @@ def main(argv=None):
         print(f"jax train step: {t:.3f} s  {B * (S + T) / t:.1f} tok/s  {train_flops / t / 1e12:.3f} TFLOP/s"
               + (f"  MFU {100 * train_flops / t / peak:.1f}% of {peak / 1e12:.2f} ({peak_src})" if peak else ""))
         if a.vs_hf:
-            th = bench_hf_train(cfg, B, S, T, a.steps)
+            th = bench_hf_train(cfg, B, S, T, a.steps, a.hf_device, a.dtype)
             result.update(hf_train_step_s=th, train_speedup_vs_hf=th / t)
             print(f"transformers train step: {th:.3f} s  -> jax is {th / t:.2f}x faster")
     if "generate" in what:
@@ -173,7 +186,7 @@ def main(argv=None):
         result.update(generate_s=t, generate_tokens_per_s=B * N / t)
         print(f"jax generate ({N} new tokens): {t:.3f} s  {B * N / t:.1f} tok/s")
         if a.vs_hf:
-            th = bench_hf_generate(cfg, B, S, N, a.steps)
+            th = bench_hf_generate(cfg, B, S, N, a.steps, a.hf_device, a.dtype)
             result.update(hf_generate_s=th, generate_speedup_vs_hf=th / t)
             print(f"transformers generate: {th:.3f} s  -> jax is {th / t:.2f}x faster")
     # The process's high-water mark of host memory (Linux reports KiB): what training or generation

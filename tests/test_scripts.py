@@ -63,10 +63,23 @@ def test_aot_compile_reports_a_program_that_cannot_fit(tmp_path, monkeypatch, ca
 def test_benchmark_times_the_trainers_step(tmp_path):
     out = tmp_path / "bench.jsonl"
     result = _script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",
-                                        "--steps", "1", "--new-tokens", "4", "--json", str(out)])
+                                        "--steps", "1", "--new-tokens", "4", "--json", str(out), "--vs-hf"])
+    assert result["hf_train_step_s"] > 0 and result["hf_generate_s"] > 0
     assert result["train_step_s"] > 0 and result["generate_s"] > 0 and result["train_tflops"] > 0
     assert result["attention"] == "auto" and result["peak_host_memory_gb"] > 0.1
     assert json.loads(out.read_text())["preset"] == "tiny"
+
+
+def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
+    """scripts/gpu_check.sh has not run on a GPU here; on a CPU it says so in one line, exit 2."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "r.jsonl")],
+                       capture_output=True, text=True, env={"PY": sys.executable, "PATH": "/usr/bin:/bin",
+                                                              "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and r.stderr.startswith("error: gpu_check.sh: JAX sees no GPU") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 @pytest.fixture(scope="module")

@@ -106,19 +106,8 @@ def _data_config(base: DataConfig, model_config, data: str, kind: str, o: EvalOp
         max_bad_fraction=1.0)
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _bar(enabled: bool, desc: str):
-    return tqdm(desc=desc, unit=" batches/examples", dynamic_ncols=True) if enabled else _NoBar()
+    return tqdm(desc=desc, unit=" batches/examples", dynamic_ncols=True, disable=not enabled)
 
 
 def _finite(x):
@@ -132,16 +121,16 @@ def _finite(x):
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=1) + "\n")
-    os.replace(tmp, path)
+    _write_atomically(path, json.dumps(_finite(obj), indent=1) + "\n")
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:
+    _write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A reader sees the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
