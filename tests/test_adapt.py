@@ -2,7 +2,6 @@
 exactly transformers' Gemma3ForCausalLM; the SigLIP tower and projector carry over; exports load."""
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from t5gemma2_jax.checkpoints.export import load_export
 from t5gemma2_jax.checkpoints.gemma3 import adapt_gemma3, config_from_gemma3, gemma3_key
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from t5gemma2_jax.config import FULL, SLIDING, ConfigError, T5Gemma2Config, VisionConfig, default_layer_types
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,16 +180,9 @@ def test_decoder_equals_gemma3_and_vision_carries_over_4b_shaped(src_4b):
     np.testing.assert_allclose(np.asarray(ours), feats, atol=1e-5, rtol=0)
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("adapt_gemma3_script", ROOT / "scripts" / "adapt_gemma3.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_hf_and_orbax_exports(src_4b, tmp_path):
     _, lm, path = src_4b
-    script = _script()
+    script = load_script("adapt_gemma3")
     args = ["--gemma3", str(path), "--vocab-size", "68", "--image-token-id", "66", "--rope-global-factor", "4"]
     script.adapt(args + ["--out", str(tmp_path / "hf"), "--format", "hf"])
     back = T5Gemma2ForConditionalGeneration.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()

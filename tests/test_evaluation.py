@@ -4,7 +4,6 @@ per-example files, multiple-choice scoring against `score`, and its one-line err
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -21,13 +20,7 @@ from t5gemma2_jax.evaluation import metrics
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "train"))
 from helpers import small_config  # noqa: E402
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from scripts_loader import load_script
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -85,7 +78,7 @@ def test_load_reads_a_work_directory_and_a_step_directory(sft_run):
 
 def test_generate_script_samples_a_work_directory_without_export(sft_run, capsys):
     workdir, _ = sft_run
-    text = _script("generate").generate_text(["--checkpoint", str(workdir), "--chat", "--prompt",
+    text = load_script("generate").generate_text(["--checkpoint", str(workdir), "--chat", "--prompt",
                                               "what color is the square?", "--max-new-tokens", "4"])
     assert isinstance(text, str) and text.strip() in capsys.readouterr().out
 
@@ -93,7 +86,7 @@ def test_generate_script_samples_a_work_directory_without_export(sft_run, capsys
 def test_evaluate_script_writes_results_and_predictions(sft_run, tmp_path):
     workdir, eval_file = sft_run
     out, preds = tmp_path / "results.json", tmp_path / "predictions.jsonl"
-    _script("evaluate").run(["--checkpoint", str(workdir), "--data", eval_file, "--generate", "--max-examples", "5",
+    load_script("evaluate").run(["--checkpoint", str(workdir), "--data", eval_file, "--generate", "--max-examples", "5",
                              "--max-batches", "2", "--max-new-tokens", "4", "--out", str(out),
                              "--predictions", str(preds), "--no-progress"])
     results = json.loads(out.read_text())
@@ -113,7 +106,7 @@ def test_loss_of_pretraining_text_per_ul2_task(sft_run, tmp_path):
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": f"the red circle is left of the blue square {i}"}) + "\n"
                             for i in range(6)))
-    results = _script("evaluate").run(["--checkpoint", str(workdir), "--data", str(text), "--no-progress",
+    results = load_script("evaluate").run(["--checkpoint", str(workdir), "--data", str(text), "--no-progress",
                                        "--generate", "--max-new-tokens", "3"])
     assert results["kind"] == "pretrain" and results["tokens"] > 0
     assert set(results["per_task"]) == {"R", "X", "S"}
@@ -131,9 +124,9 @@ def test_choices_are_ranked_by_score(sft_run, tmp_path):
     path = tmp_path / "choices.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
     preds = tmp_path / "p.jsonl"
-    results = _script("evaluate").run(["--checkpoint", str(workdir), "--data", str(path), "--chat",
+    results = load_script("evaluate").run(["--checkpoint", str(workdir), "--data", str(path), "--chat",
                                        "--predictions", str(preds), "--no-progress"])
-    assert results["records"] == 2 and results["skipped"] == {"empty_prompt": 1, "bad_answer": 1, "bad_json": 1}
+    assert results["records"] == 2 and results["skipped"] == {"empty_prompt": 1, "bad_answer": 1, "malformed_json": 1}
     assert results["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     model, tok = tg.load(workdir), tg.load_tokenizer_for(workdir, tg.load(workdir).config)
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
@@ -148,7 +141,7 @@ def test_choices_are_ranked_by_score(sft_run, tmp_path):
 
 def test_bad_evaluation_input_is_one_line(sft_run, tmp_path, capsys):
     workdir, _ = sft_run
-    evaluate = _script("evaluate")
+    evaluate = load_script("evaluate")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     bad = tmp_path / "bad.jsonl"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,21 +11,15 @@ from flax import nnx
 
 import t5gemma2_jax as tg
 from t5gemma2_jax.checkpoints.export import flat_params, save_export
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_aot_compile_on_the_local_devices(tmp_path, capsys):
     """Without a topology the trainer's own step compiles for this machine's 8 fake devices."""
     out = tmp_path / "aot.jsonl"
-    result = _script("aot_compile").main([
+    result = load_script("aot_compile").main([
         "--config", str(ROOT / "configs" / "tiny.yaml"), "--json", str(out), "model.scan_layers=false",
         "data.max_images_per_row=0", "data.encoder_length=32", "data.decoder_length=16",
         "model.encoder.num_layers=2", "model.decoder.num_layers=2", "model.attention_backend=dense"])
@@ -52,7 +45,7 @@ def test_aot_compile_reports_a_program_that_cannot_fit(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(Trainer, "compile", refuse)
     out = tmp_path / "aot.jsonl"
-    aot = _script("aot_compile")
+    aot = load_script("aot_compile")
     result = aot.main(["--config", str(ROOT / "configs" / "tiny_lora.yaml"), "--json", str(out), "--no-generate"])
     assert result["fits"] is False and "HLO temporaries (16.71G)" in result["error"]
     assert result["state_bytes_per_chip"] * result["chips"] > result["checkpoint_bytes"] > 0   # LoRA: no base
@@ -62,7 +55,7 @@ def test_aot_compile_reports_a_program_that_cannot_fit(tmp_path, monkeypatch, ca
 
 def test_benchmark_times_the_trainers_step(tmp_path):
     out = tmp_path / "bench.jsonl"
-    result = _script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",
+    result = load_script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",
                                         "--steps", "1", "--new-tokens", "4", "--json", str(out), "--vs-hf"])
     assert result["hf_train_step_s"] > 0 and result["hf_generate_s"] > 0
     assert result["train_step_s"] > 0 and result["generate_s"] > 0 and result["train_tflops"] > 0
@@ -92,13 +85,13 @@ def tiny_export(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_generate_from_an_export(tiny_export, capsys, method):
-    text = _script("generate").generate_text(["--checkpoint", str(tiny_export), "--prompt", "a red circle",
+    text = load_script("generate").generate_text(["--checkpoint", str(tiny_export), "--prompt", "a red circle",
                                      "--mode", "[S2S]", "--max-new-tokens", "5", "--method", method])
     assert isinstance(text, str) and text.strip() in capsys.readouterr().out
 
 
 def test_generate_names_bad_input_on_one_line(tiny_export, capsys):
-    generate = _script("generate")
+    generate = load_script("generate")
     assert generate.main(["--checkpoint", str(tiny_export), "--prompt", "x", "--mode", "[XYZ]"]) == 2
     assert capsys.readouterr().err == "error: --mode: '[XYZ]' is not a mode token of this tokenizer " \
                                       "(['[NLG]', '[NLU]', '[S2S]'])\n"
@@ -128,7 +121,7 @@ def test_generate_with_an_adapter_and_from_a_lora_run(tiny_export, tmp_path, cap
     want = [int(t) for t in np.asarray(tg.generate(model, ids, max_new_tokens=5,
                                                    suppress_tokens=default_suppress_tokens(tok)))[0]
             if t not in (model.config.eos_token_id, model.config.pad_token_id)]
-    generate = _script("generate")
+    generate = load_script("generate")
     args = ["--prompt", "a red circle", "--max-new-tokens", "5"]
     assert generate.generate_text(["--checkpoint", str(tiny_export), "--adapter", str(tmp_path / "adapter"), *args]) \
         == tok.decode(want)

@@ -5,7 +5,6 @@ sentencepiece IndexError."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from t5gemma2_jax.config import ConfigError
 from t5gemma2_jax.data import Tokenizer, tiny_tokenizer_path
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 UNKNOWN = sentencepiece_model_pb2.ModelProto.SentencePiece.UNKNOWN
@@ -56,9 +56,7 @@ def test_missing_pieces_and_ids_outside_the_vocabulary_are_named(tmp_path):
 
 
 def test_check_reports_a_bad_tokenizer_in_one_line(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train")
     path = _edited(tmp_path, drop_unknown=True, renames={"[NLU]": "<nlu>"})
     rc = script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--workdir", str(tmp_path / "w"), "--check",
                       f"data.tokenizer={path}"])

@@ -5,7 +5,6 @@ preset of another size are refused in one line; `--check` opens the checkpoint w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from t5gemma2_jax.checkpoints.hf_config import config_to_hf
 from t5gemma2_jax.config import ConfigError, preset
 from t5gemma2_jax.train import Trainer, load_config
 from t5gemma2_jax.train.config import from_dict
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 EPS_FLOAT32 = 9.999999974752427e-07          # 1e-6 as a float32 checkpoint config stores it
@@ -33,13 +33,6 @@ GEMMA3_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
                    max_position_embeddings=2048, layer_types=["sliding_attention", "full_attention"],
                    bos_token_id=2, eos_token_id=1, pad_token_id=0)
 TINY_TOKENS = ["--boi-token-id", "4", "--eoi-token-id", "5", "--image-token-id", "6"]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +54,13 @@ def gemma3(tmp_path_factory) -> Path:
 def adapted(gemma3, tmp_path_factory) -> Path:
     """`gemma3` adapted by scripts/adapt_gemma3.py with the source's RoPE and length, text only."""
     out = tmp_path_factory.mktemp("adapted") / "t5g2"
-    _script("adapt_gemma3").adapt(["--gemma3", str(gemma3), "--out", str(out), "--text-only", *TINY_TOKENS])
+    load_script("adapt_gemma3").adapt(["--gemma3", str(gemma3), "--out", str(out), "--text-only", *TINY_TOKENS])
     return out
 
 
 def test_adapting_with_the_presets_rope_and_length_gives_the_presets_architecture(gemma3, tmp_path):
     out = tmp_path / "export"
-    _script("adapt_gemma3").adapt(["--gemma3", str(gemma3), "--out", str(out), "--text-only", "--format", "orbax",
+    load_script("adapt_gemma3").adapt(["--gemma3", str(gemma3), "--out", str(out), "--text-only", "--format", "orbax",
                                    "--rope-global-factor", "8", "--max-position-embeddings", "4096",
                                    "--mm-tokens-per-image", "16", *TINY_TOKENS])
     assert json.loads((out / "adaptation.json").read_text())["max_position_embeddings"] == 4096
@@ -142,7 +135,7 @@ def _check(tmp_path, capsys, init_from, *overrides) -> tuple[int, str, str]:
     config = tmp_path / "ft.yaml"
     config.write_text(small_config(model={"preset": "tiny", "encoder": dict(LAYERS), "decoder": dict(LAYERS)},
                                    train={"data_source": "pipeline", "eval_every": 0}).to_yaml())
-    rc = _script("train").main(["--config", str(config), "--workdir", str(tmp_path / "w"), "--check",
+    rc = load_script("train").main(["--config", str(config), "--workdir", str(tmp_path / "w"), "--check",
                                 f"train.init_from={init_from}", *overrides])
     out = capsys.readouterr()
     return rc, out.out, out.err

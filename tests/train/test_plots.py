@@ -3,7 +3,6 @@ one-line errors, and the loop drawing loss.png (a plotting failure is only a war
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import struct
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from t5gemma2_jax.train import plots
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -114,15 +114,8 @@ def test_plot_errors_name_the_problem(tmp_path, case, expect):
         plots.plot_runs([run], tmp_path / "o.png", metric="eval_bleu")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("plot_script", ROOT / "scripts" / "plot.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_script_writes_loss_png_and_overlays(tmp_path, capsys):
-    script = _script()
+    script = load_script("plot")
     a, b = _workdir(tmp_path / "a"), _workdir(tmp_path / "b", steps=12)
     assert script.main([str(a)]) == 0
     assert capsys.readouterr().out == f"wrote {a / 'loss.png'}\n" and _png_size(a / "loss.png")
@@ -141,7 +134,7 @@ def test_script_writes_loss_png_and_overlays(tmp_path, capsys):
 def test_script_errors_are_one_line_and_exit_2(tmp_path, capsys, args, expect):
     a = _workdir(tmp_path / "a")
     fill = lambda s: s.format(a=a, tmp=tmp_path)  # noqa: E731
-    assert _script().main([fill(x) for x in args]) == 2
+    assert load_script("plot").main([fill(x) for x in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(fill(expect)) and err.count("\n") == 1, err
 
