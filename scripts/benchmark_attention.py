@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5gemma2_jax.nn.backends import attend
-from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window, causal_window
+from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window
 
 
 def _timed(fn, *args, reps=3):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 from t5gemma2_jax.checkpoints.export import load_export, model_from_arrays
 from t5gemma2_jax.checkpoints.hf import load_hf

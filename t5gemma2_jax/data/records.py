@@ -73,7 +73,7 @@ class ParseRecord(grain.transforms.MapWithIndex):
         if isinstance(raw.payload, Unreadable):
             return make_skip("parse_error", origin, f"cannot read the record: {raw.payload.error}")
         try:
-            obj = _decode_json(raw.payload)
+            obj = decode_record(raw.payload)
             base_dir = self.base_dirs[raw.source] if raw.source < len(self.base_dirs) else None
             if self.kind == "pretrain":
                 return self._document(index, origin, obj, base_dir)
@@ -209,7 +209,8 @@ class ParseRecord(grain.transforms.MapWithIndex):
         return concat([p[None] for p in pixels], self.image_size)
 
 
-def _decode_json(payload: Any) -> dict:
+def decode_record(payload: Any) -> dict:
+    """A record's JSON object; BadRecord ("malformed_json" / "bad_schema") naming what is wrong."""
     if isinstance(payload, dict):
         return payload
     if isinstance(payload, (bytes, bytearray, memoryview)):

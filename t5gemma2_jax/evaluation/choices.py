@@ -5,13 +5,13 @@ Accuracy is reported by total log-likelihood and by log-likelihood per token (le
 
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 import numpy as np
 
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.prompts import encode_prompt
+from t5gemma2_jax.data.records import BadRecord, decode_record
 from t5gemma2_jax.data.sources import Unreadable, open_source
 from t5gemma2_jax.data.tokenizer import Tokenizer
 from t5gemma2_jax.evaluation.examples import Skipped
@@ -23,11 +23,8 @@ def _bucket(n: int, step: int) -> int:
     return max(step, -(-n // step) * step)
 
 
-def parse_choice_record(rec, origin: str, skipped: Skipped) -> tuple[str, list[str], int] | None:
+def parse_choice_record(rec: dict, origin: str, skipped: Skipped) -> tuple[str, list[str], int] | None:
     """(prompt, choices, index of the answer), or None after counting why the record is unusable."""
-    if not isinstance(rec, dict):
-        skipped.add("not_an_object", origin)
-        return None
     prompt, choices, answer = rec.get("prompt"), rec.get("choices"), rec.get("answer")
     if not isinstance(prompt, str) or not prompt.strip():
         skipped.add("empty_prompt", origin)
@@ -51,12 +48,12 @@ def read_choice_records(path: str, skipped: Skipped) -> list[tuple[str, str, lis
         raw = source[i]
         origin = f"{source.names[raw.source]}:{raw.line}"
         if isinstance(raw.payload, Unreadable):
-            skipped.add("unreadable", origin)
+            skipped.add("parse_error", origin)
             continue
         try:
-            rec = json.loads(raw.payload) if isinstance(raw.payload, (bytes, str)) else raw.payload
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            skipped.add("bad_json", origin)
+            rec = decode_record(raw.payload)
+        except BadRecord as e:
+            skipped.add(e.reason, origin)
             continue
         parsed = parse_choice_record(rec, origin, skipped)
         if parsed is not None:

@@ -8,7 +8,6 @@ the chat template and images) as the prompt; pretraining text gives a prefix-LM 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Iterator
 
 import numpy as np
@@ -19,7 +18,7 @@ from t5gemma2_jax.data.config import DataConfig, DenoiserSpec
 from t5gemma2_jax.data.counters import Skip
 from t5gemma2_jax.data.elements import Example
 from t5gemma2_jax.data.images import expand
-from t5gemma2_jax.data.records import ParseRecord
+from t5gemma2_jax.data.records import BadRecord, ParseRecord, decode_record
 from t5gemma2_jax.data.sft import ChatTemplate
 from t5gemma2_jax.data.sources import Unreadable, open_source
 from t5gemma2_jax.data.tasks import PretrainExamples, SftExamples
@@ -60,16 +59,12 @@ def record_kind(path: str) -> str:
         if isinstance(payload, Unreadable):
             continue
         try:
-            rec = json.loads(payload) if isinstance(payload, (bytes, str)) else payload
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = decode_record(payload)
+        except BadRecord:
             continue
-        if isinstance(rec, dict):
-            if "messages" in rec:
-                return "sft"
-            if "choices" in rec:
-                return "choice"
-            if "text" in rec:
-                return "pretrain"
+        for key, kind in (("messages", "sft"), ("choices", "choice"), ("text", "pretrain")):
+            if key in rec:
+                return kind
     raise ConfigError(f"--data {path}: no record is a JSON object with 'text', 'messages' or 'choices' "
                       f"({len(source)} records)")
 

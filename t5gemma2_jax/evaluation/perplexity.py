@@ -8,7 +8,6 @@ import math
 from typing import Callable
 
 import jax
-import numpy as np
 
 from t5gemma2_jax.data.config import DataConfig
 from t5gemma2_jax.data.pipeline import make_pipeline
