@@ -34,7 +34,7 @@ from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.nn.rng import current_dropout_key, dropout_key
 from t5gemma2_jax.nn.rope import rope_angles
 from t5gemma2_jax.nn.stack import LayerStack
-from t5gemma2_jax.sharding import constrain, current_rules
+from t5gemma2_jax.sharding import constrain, current_rules, length_of
 
 F = TypeVar("F", bound=Callable)
 # Compiled programs kept, one per (function, model structure, static arguments); each holds one
@@ -227,7 +227,11 @@ class T5Gemma2(nnx.Module):
             SLIDING: MaskInfo(q_seg, pos, kv_seg, pos, window=bidirectional_window(W)),
         }
         ctx = LayerContext(rope=self.encoder.rope_tables(pos), masks=masks)
-        out = constrain(self.encoder(x, ctx), ("batch", "length", "embed"))
+        # The encoder's sequence is split over the mesh axis `activation_encoder_length` names
+        # (`mesh.context`); the decoder gathers the keys it reads from it.
+        with length_of("encoder_length"):
+            out = constrain(self.encoder(constrain(x, ("batch", "length", "embed")), ctx),
+                            ("batch", "length", "embed"))
         return out, kv_seg
 
     @compile_on_first_use

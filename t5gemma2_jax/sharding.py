@@ -19,6 +19,7 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 # data: pure data parallel; fsdp: data parallel with parameters/optimizer sharded (ZeRO-3);
+# context: one row's encoder sequence split across devices (context parallelism);
 # tensor: Megatron-style heads/MLP/vocab sharding.
 DEFAULT_RULES: Rules = (
     # parameters
@@ -39,6 +40,9 @@ DEFAULT_RULES: Rules = (
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
+    # The encoder's sequence (what `length_of("encoder_length")` maps `activation_length` to
+    # inside the encoder); the decoder's stays whole.
+    ("activation_encoder_length", "context"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -84,6 +88,34 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None,
         used.update(kept)
         out.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
     return P(*out)
+
+
+@contextlib.contextmanager
+def length_of(name: str):
+    """Inside the block, `activation_length` follows the rule of `activation_{name}`: the encoder
+    runs under `length_of("encoder_length")`, so every `constrain(x, ("batch", "length", ...))` of
+    its layers splits the sequence over the mesh axis that rule names (`context`), and the layers'
+    code stays the same for both towers."""
+    table = dict(current_rules())
+    target = table.get(f"activation_{name}")
+    rules = tuple((k, target if k == "activation_length" else v) for k, v in table.items())
+    with axis_rules(rules):
+        yield
+
+
+def sequence_axis() -> tuple[str, int] | None:
+    """(mesh axis, size) the current `activation_length` rule splits sequences over on the active
+    mesh, when that is one axis of size > 1; None otherwise (the sequence is whole on each device)."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return None
+    axes = dict(current_rules()).get("activation_length")
+    if isinstance(axes, (tuple, list)):
+        axes = axes[0] if len(axes) == 1 else None
+    if axes is None or axes not in mesh.axis_names:
+        return None
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes))[axes]
+    return (axes, size) if size > 1 else None
 
 
 def _active_mesh():

@@ -30,6 +30,10 @@ class MaskInfo:
     window: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
     # Keys at index >= cross_start are encoder keys of merged attention: segment rule only.
     cross_start: int | None = struct.field(pytree_node=False, default=None)
+    # Where query i's own key sits: at key index i + kv_offset (context parallelism prepends a
+    # halo of the neighbour's keys). Only a hint for backends that skip key blocks by index; which
+    # keys are allowed is decided by segment ids and positions alone.
+    kv_offset: int = struct.field(pytree_node=False, default=0)
 
     @property
     def num_self_keys(self) -> int:

@@ -49,10 +49,12 @@ MU_DTYPES = ("float32", "bfloat16")
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh `(data, fsdp, tensor)`; one size may be -1 (the devices left over).
+    """Device mesh `(data, fsdp, context, tensor)`; one size may be -1 (the devices left over).
 
     data: pure data parallelism (parameters replicated); fsdp: data parallelism with parameters
-    and optimizer state sharded (ZeRO-3); tensor: heads / MLP / vocab sharding. `dcn_data` > 1
+    and optimizer state sharded (ZeRO-3); context: each row's encoder sequence split over that many
+    devices (their parameters and optimizer state sharded with fsdp's); tensor: heads / MLP / vocab
+    sharding. `dcn_data` > 1
     spreads the data axis over that many slices (TPU multislice / GPU nodes) with the other axes
     inside a slice. `rules` overrides entries of `t5gemma2_jax.sharding.DEFAULT_RULES`
     (`{logical axis: mesh axis | [mesh axes] | null}`).
@@ -61,11 +63,12 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1  # devices one row's encoder sequence is split over (context parallelism)
     dcn_data: int = 1
     rules: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = {"data": self.data, "fsdp": self.fsdp, "context": self.context, "tensor": self.tensor}
         for name, v in sizes.items():
             _require(v == -1 or v >= 1, f"mesh.{name}", f"must be a positive integer or -1, got {v}")
         _require(sum(v == -1 for v in sizes.values()) <= 1, "mesh",
@@ -80,8 +83,8 @@ class MeshConfig:
             _require(k in known, f"mesh.rules.{k}", f"unknown logical axis; known: {sorted(known)}")
             vals = [v] if v is None or isinstance(v, str) else list(v)
             for a in vals:
-                _require(a is None or a in ("data", "fsdp", "tensor"), f"mesh.rules.{k}",
-                         f"{a!r} is not a mesh axis (data, fsdp, tensor)")
+                _require(a is None or a in ("data", "fsdp", "context", "tensor"), f"mesh.rules.{k}",
+                         f"{a!r} is not a mesh axis (data, fsdp, context, tensor)")
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,13 @@ def _check_model(cfg: ExperimentConfig, m: T5Gemma2Config) -> None:
                  f"{d.mm_tokens_per_image} != model mm_tokens_per_image={m.mm_tokens_per_image}")
         _require(d.image_size == m.vision.image_size, "data.image_size",
                  f"{d.image_size} != model vision.image_size={m.vision.image_size}")
+    if cfg.mesh.context > 1:
+        _require(d.encoder_length % cfg.mesh.context == 0, "data.encoder_length",
+                 f"{d.encoder_length} is not divisible by mesh.context={cfg.mesh.context}")
+        chunk, side = d.encoder_length // cfg.mesh.context, m.encoder.sliding_window // 2
+        _require(chunk >= side, "mesh.context",
+                 f"{cfg.mesh.context} leaves {chunk} encoder positions per device, fewer than half the "
+                 f"sliding window ({side}): local layers read keys from the neighbouring devices only")
     for name, length, tower in (("encoder_length", d.encoder_length, m.encoder),
                                 ("decoder_length", d.decoder_length, m.decoder)):
         _require(length <= tower.max_position_embeddings, f"data.{name}",

@@ -1,9 +1,10 @@
 """Device mesh, sharding rules, multi-host start-up and global batches.
 
-The mesh always has the axes `('data', 'fsdp', 'tensor')` (size 1 when unused), so the same
+The mesh always has the axes `('data', 'fsdp', 'context', 'tensor')` (size 1 when unused), so the same
 rules and the same code run on 1 CPU device, 8 fake CPU devices, a GPU and a TPU pod. Axes are
 the classic `Auto` kind (GSPMD propagates shardings; `constrain()` in the model pins activations).
-The batch dimension is sharded over `('data', 'fsdp')`.
+The batch dimension is sharded over `('data', 'fsdp')`; the devices of one `context` group hold the
+same rows and split their encoder sequence (`sharding.length_of`, `nn/backends/context`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from t5gemma2_jax.train.config import MeshConfig
 
 log = logging.getLogger(__name__)
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -66,11 +67,12 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     return True
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with a -1 resolved; raises SetupError if it cannot cover the devices."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, context, tensor) with a -1 resolved; raises SetupError if it cannot cover the devices."""
+    sizes = [cfg.data, cfg.fsdp, cfg.context, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
-    desc = f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} x mesh.tensor={cfg.tensor}"
+    desc = (f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} x mesh.context={cfg.context} "
+            f"x mesh.tensor={cfg.tensor}")
     if -1 in sizes:
         if num_devices % known:
             raise SetupError(f"{desc}: the fixed axes ({known}) do not divide the {num_devices} devices")
@@ -91,15 +93,19 @@ def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
     if cfg.dcn_data > 1:
         from jax.experimental import mesh_utils
 
-        ici = (shape[0] // cfg.dcn_data, shape[1], shape[2])
-        arr = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1), devices=devices)
+        ici = (shape[0] // cfg.dcn_data,) + tuple(shape[1:])
+        arr = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1, 1), devices=devices)
         return Mesh(arr, AXES, axis_types=auto)
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
 
 
 def sharding_rules(cfg: MeshConfig) -> Rules:
-    """DEFAULT_RULES with the entries of `mesh.rules` replaced."""
+    """DEFAULT_RULES with the entries of `mesh.rules` replaced. With `mesh.context` > 1 the
+    parameters' `embed` axis is sharded over `('fsdp', 'context')` unless `mesh.rules` says
+    otherwise: a context group holds one copy of its rows, not of the model."""
     over: Mapping = dict(cfg.rules)
+    if cfg.context > 1 and "embed" not in over:
+        over["embed"] = ("fsdp", "context")
     rules = []
     for name, axes in DEFAULT_RULES:
         if name in over:

@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 
 from t5gemma2_jax.nn.masks import MaskInfo
+from t5gemma2_jax.sharding import sequence_axis
 
 # name -> module of this package defining `attention`, or a callable (see `register`).
 BACKENDS: dict[str, str | Callable] = {
@@ -63,10 +64,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, *, scale: f
 
     q `[B, T, H, d]`, k/v `[B, S, K, d]` with H % K == 0 (query head h uses KV head h // (H/K)).
     Returns `[B, T, H, d]` in q's dtype. Scores in the activation dtype, softmax in float32.
+    When the current rules split the sequence over a mesh axis (the encoder under `mesh.context`),
+    self-attention runs split too (`context.attention`: a halo exchange or a key gather per device).
     """
     if 0 < mask.num_self_keys != q.shape[1]:
         # Cached decoding (a few queries against a cache whose slots are not the queries'
         # positions, e.g. a ring buffer): the other backends need query i aligned with self key i,
         # and at T = 1 there is no [T, S] matrix worth avoiding.
         backend = "dense"
+    split = sequence_axis()
+    if split is not None:
+        from t5gemma2_jax.nn.backends import context
+
+        if context.unsupported_reason(q, k, mask, split[1]) is None:
+            return context.attention(q, k, v, mask, scale=scale, block_size=block_size, backend=get(backend),
+                                     axis=split[0], size=split[1])
     return get(backend)(q, k, v, mask, scale=scale, block_size=block_size)

@@ -96,12 +96,13 @@ def attention(q, k, v, mask: MaskInfo, scale: float, block_size: int = 512) -> j
             if not is_cross and mask.window is not None:
                 left, right = mask.window
                 span = min(nk, math.ceil((bq + left + right) / bk) + 1)
-                first = jnp.clip((i * bq - left) // bk, 0, nk - span)
+                first = jnp.clip((i * bq + mask.kv_offset - left) // bk, 0, nk - span)
                 blocks = first + jnp.arange(span)
                 (m, l, acc), _ = jax.lax.scan(lambda c, j: (visit(c, j), None), (m, l, acc), blocks)
             elif not is_cross and mask.causal:
                 def maybe(c, j, visit=visit, bk=bk):
-                    needed = j * bk <= i * bq + bq - 1          # block starts before this query block ends
+                    # the block starts before this query block's last own key
+                    needed = j * bk <= i * bq + mask.kv_offset + bq - 1
                     return jax.lax.cond(needed, visit, lambda c, j: c, c, j), None
                 (m, l, acc), _ = jax.lax.scan(maybe, (m, l, acc), jnp.arange(nk))
             else:

@@ -58,11 +58,11 @@ def _round_up(n: int, m: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _kernel(shape: tuple[int, int], kind: str, window, n_self: int | None, groups: int, bq: int, bkv: int,
-            interpret: bool):
+            interpret: bool, offset: int = 0):
     if kind == "merged":
         base = MergedMask(shape, n_self, None if window is None else window[0])
     elif kind == "local":
-        base = sm.LocalMask(shape, window, 0)
+        base = sm.LocalMask(shape, window, offset)
     elif kind == "causal":
         base = sm.CausalMask(shape)
     else:
@@ -82,7 +82,7 @@ def _pad(x, axis, n, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _local_splash(q, k, v, q_seg, kv_seg, *, causal, window, cross_start, scale, block, interpret):
+def _local_splash(q, k, v, q_seg, kv_seg, *, causal, window, cross_start, scale, block, interpret, offset=0):
     B, T, H, d = q.shape
     K = k.shape[2]
     G = H // K
@@ -110,7 +110,7 @@ def _local_splash(q, k, v, q_seg, kv_seg, *, causal, window, cross_start, scale,
         k, v, kv_seg = _pad(k, 1, Sp), _pad(v, 1, Sp), _pad(kv_seg, 1, Sp, _KV_PAD)
     q = _pad(q, 1, Tp)
     q_seg = _pad(q_seg, 1, Tp, _Q_PAD)
-    kernel = _kernel((Tp, Sp), kind, window, n_self, G, bq, bkv, interpret)
+    kernel = _kernel((Tp, Sp), kind, window, n_self, G, bq, bkv, interpret, offset)
     # splash takes head-major layouts and applies no scale.
     qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, Tp, K, G, d).transpose(0, 2, 3, 1, 4)   # [B,K,G,T,d]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                                   # [B,K,S,d]
@@ -138,6 +138,8 @@ def splash_unsupported_reason(q: jax.Array, mask: MaskInfo, block_size: int) -> 
         return f"causal mask with window {window} reaching right of the query"
     if mask.cross_start not in (None, 0) and not mask.causal:
         return "merged keys whose self part is not causal"
+    if mask.kv_offset and (mask.window is None or mask.causal or mask.cross_start is not None):
+        return f"key offset {mask.kv_offset} outside a bidirectional window (only LocalMask takes one)"
     return None
 
 
@@ -147,9 +149,10 @@ def attention(q, k, v, mask: MaskInfo, scale: float, block_size: int = 512,
     if interpret is None:
         interpret = target_platform() != "tpu"
     fn = functools.partial(_local_splash, causal=mask.causal, window=mask.window, cross_start=mask.cross_start,
-                           scale=scale, block=block_size, interpret=interpret)
+                           scale=scale, block=block_size, interpret=interpret, offset=mask.kv_offset)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
+    # No mesh, or already inside a shard_map over every axis (context parallelism): local arrays.
+    if mesh is None or mesh.empty or mesh.are_all_axes_manual:
         return fn(q, k, v, mask.q_segment_ids, mask.kv_segment_ids)
     # Rows over the batch axes, KV heads over 'tensor' where they divide (MQA's one head cannot).
     axes = ("activation_batch", None, "activation_kv_heads", None)
