@@ -62,6 +62,20 @@ def main(argv=None) -> dict:
                   remat=m.remat, attention=m.attention_backend, hbm_per_chip=hbm, scan_layers=m.scan_layers,
                   trainable_bytes=trainable, state_bytes_per_chip=state_per_chip, checkpoint_bytes=ckpt_bytes,
                   lora=dataclasses.asdict(cfg.lora))
+    if cfg.mesh.context > 1:
+        import jax.numpy as jnp
+
+        from t5gemma2_jax.train.mesh import context_traffic
+
+        rows = d.batch_size / (trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"])
+        moved = context_traffic(m, d.encoder_length, rows, cfg.mesh, jnp.dtype(m.dtype).itemsize)
+        forward = sum(moved.values())
+        passes = 3 if m.remat != "none" else 2       # forward, backward, and the remat recompute
+        print(f"context axis: {forward / 2**20:.1f} MiB received per chip per forward pass (local-layer "
+              f"halos {moved['local_halo'] / 2**20:.1f}, global-layer key gathers "
+              f"{moved['global_gather'] / 2**20:.1f}, the decoder's gather of the encoder output "
+              f"{moved['decoder_gather'] / 2**20:.1f}); {passes * forward / 2**30:.2f} GiB per train step")
+        result.update(context_bytes_forward=moved, context_bytes_per_step=passes * forward)
     t0 = time.time()
     try:
         steps = trainer.compile(with_eval=False)

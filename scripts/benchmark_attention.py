@@ -3,9 +3,12 @@
 
     python scripts/benchmark_attention.py --lengths 4096 16384 --window 512 --heads 4 --kv-heads 1
     python scripts/benchmark_attention.py --sweep --preset 270m-270m --lengths 256 512 1024 2048 4096
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+        python scripts/benchmark_attention.py --context 4 --lengths 4096 16384 --window 512
 
 Local (sliding-window) layers of the blockwise backend should grow linearly with length
-(time at 16K <= 1.3 x 4 x time at 4K); global layers should be no slower than dense.
+(time at 16K <= 1.3 x 4 x time at 4K), also with the sequence split over `--context` devices
+(each exchanges only the window's halo); global layers should be no slower than dense.
 Dense is skipped where its [T, T] score matrix would not fit `--dense-limit-gib`.
 
 `--sweep` times dense against blockwise side by side at each length, forward alone and forward +
@@ -58,7 +61,21 @@ def run(T, kind, backend, a):
         return jax.grad(lambda q, k, v: attend(q, k, v, mask, scale=d ** -0.5, backend=backend,
                                                block_size=a.block).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
 
-    return _timed(fwd_bwd, q, k, v)
+    if a.context <= 1:
+        return _timed(fwd_bwd, q, k, v)
+    # The sequence split over `--context` devices, as the encoder runs under mesh.context.
+    import contextlib
+
+    from t5gemma2_jax.sharding import axis_rules, length_of
+    from t5gemma2_jax.train.config import MeshConfig
+    from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
+
+    mcfg = MeshConfig(data=1, fsdp=1, context=a.context, tensor=1)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(jax.set_mesh(make_mesh(mcfg, jax.devices()[: a.context])))
+        stack.enter_context(axis_rules(sharding_rules(mcfg)))
+        stack.enter_context(length_of("encoder_length"))
+        return _timed(fwd_bwd, q, k, v)
 
 
 def _sweep_inputs(L, kind, a):
@@ -128,7 +145,12 @@ def main(argv=None):
     p.add_argument("--kinds", nargs="+", default=["local", "global", "decoder"], choices=["local", "global", "decoder"])
     p.add_argument("--decoder-length", type=int, default=256, help="self keys of the decoder kind (--sweep)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--context", type=int, default=1,
+                   help="split the sequence over this many devices (mesh.context; on CPU run with "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     a = p.parse_args(argv)
+    if a.context > len(jax.devices()):
+        raise SystemExit(f"error: --context {a.context} needs that many devices, there are {len(jax.devices())}")
     if a.preset:
         from t5gemma2_jax.config import preset
 

@@ -258,6 +258,9 @@ class T5Gemma2(nnx.Module):
             "cross": MaskInfo(q_seg, pos, enc_seg, jnp.zeros((B, S), jnp.int32), cross_start=0),
         }
         y = self.decoder_input_embedder.encode(ids)
+        # Under context parallelism the encoder output arrives split over its sequence: gather it
+        # here once (its D values per position), not every layer's projected keys and values.
+        encoder_states = constrain(encoder_states, ("batch", "length", "embed"))
         ctx = LayerContext(rope=self.decoder.rope_tables(pos), masks=masks, encoder_states=encoder_states)
         logits = self.output_head.decode(self.decoder(y, ctx))
         cap = self.config.decoder.final_logit_softcap

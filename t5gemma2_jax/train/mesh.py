@@ -96,7 +96,18 @@ def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
         ici = (shape[0] // cfg.dcn_data,) + tuple(shape[1:])
         arr = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1, 1), devices=devices)
         return Mesh(arr, AXES, axis_types=auto)
-    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    except NotImplementedError as e:
+        # A TPU torus maps each mesh axis onto whole physical axes (4x4x4: sizes 4, 16, 64); an
+        # axis of 8 there needs a physical axis split in two, which costs neighbouring chips one
+        # more hop but is what e.g. 8 rows of 8 context chips on v5p-128 require.
+        from jax.experimental import mesh_utils
+
+        log.warning("mesh %s does not map onto whole physical axes (%s); splitting physical axes",
+                    dict(zip(AXES, shape)), e)
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(arr, AXES, axis_types=auto)
 
 
 def sharding_rules(cfg: MeshConfig) -> Rules:
@@ -142,4 +153,37 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     for k, v in local.items():
         v = np.asarray(v)
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return out
+
+
+def context_traffic(model, encoder_length: int, rows_per_chip: float, mesh_cfg: MeshConfig,
+                    dtype_bytes: int = 2) -> dict[str, float]:
+    """Bytes one chip receives over the `context` axis in one forward pass (`model` a
+    `T5Gemma2Config`, `rows_per_chip` rows per context group): each local encoder layer's halo
+    (`left + right` keys and values, with their segment ids and positions), each global encoder
+    layer's gather of the other chips' keys and values, and the decoder's one gather of the
+    encoder output. The backward pass moves the same again (the collectives'
+    transposes); full remat repeats the forward's. Zero without context parallelism."""
+    from t5gemma2_jax.config import SLIDING
+    from t5gemma2_jax.nn.masks import bidirectional_window
+
+    c = mesh_cfg.context
+    out = {"local_halo": 0.0, "global_gather": 0.0, "decoder_gather": 0.0}
+    if c <= 1:
+        return out
+
+    def kv_bytes(tower):                      # keys + values of one position on one chip
+        K = tower.num_kv_heads
+        K = K // mesh_cfg.tensor if mesh_cfg.tensor > 1 and K % mesh_cfg.tensor == 0 else K
+        return 2 * K * tower.head_dim * dtype_bytes
+    enc, dec = model.encoder, model.decoder
+    others = encoder_length * (c - 1) / c           # positions held by the other chips
+    for t in enc.layer_types:
+        if t == SLIDING:
+            halo = sum(bidirectional_window(enc.sliding_window))
+            out["local_halo"] += rows_per_chip * halo * (kv_bytes(enc) + 8)
+        else:
+            out["global_gather"] += rows_per_chip * others * (kv_bytes(enc) + 8)
+    # The decoder gathers the encoder's output once and projects every layer's keys from it.
+    out["decoder_gather"] = rows_per_chip * others * enc.hidden_size * dtype_bytes
     return out

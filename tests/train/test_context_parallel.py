@@ -119,7 +119,7 @@ def test_local_layers_exchange_a_halo_whose_size_does_not_grow_with_length():
     assert moved[64] > 0 and moved[64] == moved[256]
 
 
-@pytest.mark.parametrize("images", [False, True])
+@pytest.mark.parametrize("images", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_train_step_with_context_equals_the_unsplit_step(images):
     from helpers import batch_for, small_config
     from t5gemma2_jax.train import Trainer
@@ -151,3 +151,17 @@ def test_config_checks_the_split():
         MeshConfig(rules={"embed": "sequence"})
     assert dict(sharding_rules(MeshConfig(context=4)))["embed"] == ("fsdp", "context")
     assert dict(sharding_rules(MeshConfig()))["embed"] == "fsdp"
+
+
+def test_context_traffic_counts_halos_gathers_and_the_decoder_gather():
+    from t5gemma2_jax.config import preset
+    from t5gemma2_jax.train.mesh import context_traffic
+
+    m = preset("1b-1b")
+    short, long = (context_traffic(m, T, 1, MeshConfig(fsdp=8, context=8)) for T in (32768, 131072))
+    assert short["local_halo"] == long["local_halo"] > 0            # a halo per local layer, any length
+    assert long["global_gather"] == pytest.approx(4 * short["global_gather"])
+    locals_ = sum(t == "sliding_attention" for t in m.encoder.layer_types)
+    assert short["local_halo"] == locals_ * (m.encoder.sliding_window - 1) * (2 * m.encoder.head_dim * 2 + 8)
+    assert long["decoder_gather"] == 131072 * 7 / 8 * m.encoder.hidden_size * 2
+    assert sum(context_traffic(m, 131072, 1, MeshConfig(fsdp=8)).values()) == 0
