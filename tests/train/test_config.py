@@ -13,7 +13,7 @@ from t5gemma2_jax.train.mesh import sharding_rules
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 NAMES = {"tiny", "tiny_sft", "270m-270m_pretrain", "270m-270m_sft", "1b-1b_pretrain", "1b-1b_sft",
-         "4b-4b_pretrain", "4b-4b_sft", "4b-4b_long_context", "tiny_lora", "4b-4b_lora_sft"}
+         "4b-4b_pretrain", "4b-4b_sft", "4b-4b_long_context", "1b-1b_long_context", "tiny_lora", "4b-4b_lora_sft"}
 
 
 def test_all_shipped_configs_load_and_say_what_hardware_they_are_for():

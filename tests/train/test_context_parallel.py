@@ -165,3 +165,22 @@ def test_context_traffic_counts_halos_gathers_and_the_decoder_gather():
     assert short["local_halo"] == locals_ * (m.encoder.sliding_window - 1) * (2 * m.encoder.head_dim * 2 + 8)
     assert long["decoder_gather"] == 131072 * 7 / 8 * m.encoder.hidden_size * 2
     assert sum(context_traffic(m, 131072, 1, MeshConfig(fsdp=8)).values()) == 0
+
+
+def test_generation_under_a_context_mesh_equals_the_unsplit_generation():
+    import dataclasses
+
+    from flax import nnx
+
+    from t5gemma2_jax.config import preset
+    from t5gemma2_jax.generation import generate
+    from t5gemma2_jax.model import T5Gemma2
+
+    model = T5Gemma2(dataclasses.replace(preset("tiny"), with_vision=False), rngs=nnx.Rngs(0))
+    ids = np.random.default_rng(0).integers(7, 500, (2, 64))
+    mask = np.ones((2, 64), np.int32)
+    mask[1, 50:] = 0
+    ref = np.asarray(generate(model, ids, mask, max_new_tokens=8))
+    with jax.set_mesh(make_mesh(CONTEXT)), axis_rules(sharding_rules(CONTEXT)):
+        out = np.asarray(generate(model, ids, mask, max_new_tokens=8))
+    np.testing.assert_array_equal(out, ref)
