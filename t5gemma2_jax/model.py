@@ -293,36 +293,39 @@ class T5Gemma2(nnx.Module):
             "step": jnp.zeros((), jnp.int32),
         }
 
-    def decode_step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """Feed one token per row (`[B]`) at position `cache['step']`; return logits `[B, V]`."""
+    def decode_step(self, tokens: jax.Array, cache: dict, layers=None) -> tuple[jax.Array, dict]:
+        """Feed one token per row (`[B]`) at position `cache['step']`; return logits `[B, V]`.
+        `layers` (`decoder.stack.decode_layers()`) may be computed once outside a decoding loop."""
         t = cache["step"]
         B = tokens.shape[0]
         enc_seg = cache["encoder_segment_ids"]
         W = self.config.decoder.sliding_window
         slots, pos, masks = {}, {}, {}
+        q_seg, q_pos = jnp.ones((B, 1), jnp.int32), jnp.full((B, 1), t, jnp.int32)
         for layer_type, window in ((SLIDING, causal_window(W)), (FULL, None)):
             size = cache["pos"][layer_type].shape[0]
             slots[layer_type] = t % size
+            # The layers attend to [their cached slots | this step's key | the encoder keys] and
+            # write this step's key to its slot afterwards, so the slot it overwrites is empty here.
+            cached = cache["pos"][layer_type].at[t % size].set(-1)
             pos[layer_type] = cache["pos"][layer_type].at[t % size].set(t)
-            self_pos = jnp.broadcast_to(pos[layer_type], (B, size))
+            self_pos = jnp.concatenate([jnp.broadcast_to(cached, (B, size)), q_pos], axis=1)
             self_seg = (self_pos >= 0).astype(jnp.int32)
-            q_seg, q_pos = jnp.ones((B, 1), jnp.int32), jnp.full((B, 1), t, jnp.int32)
             masks[layer_type] = MaskInfo(
                 q_segment_ids=q_seg, q_positions=q_pos,
                 kv_segment_ids=jnp.concatenate([self_seg, enc_seg], axis=1),
                 kv_positions=jnp.concatenate([self_pos, jnp.zeros_like(enc_seg)], axis=1),
-                causal=True, window=window, cross_start=size)
+                causal=True, window=window, cross_start=size + 1)
             masks[("self", layer_type)] = MaskInfo(q_seg, q_pos, self_seg, self_pos, causal=True, window=window)
-        masks["cross"] = MaskInfo(jnp.ones((B, 1), jnp.int32), jnp.full((B, 1), t, jnp.int32), enc_seg,
-                                  jnp.zeros_like(enc_seg), cross_start=0)
+        masks["cross"] = MaskInfo(q_seg, q_pos, enc_seg, jnp.zeros_like(enc_seg), cross_start=0)
         ctx = LayerContext(rope=self.decoder.rope_tables(jnp.full((B, 1), t, jnp.int32)), masks=masks, slots=slots)
         y = self.decoder_input_embedder.encode(tokens[:, None])
-        y, layers = self.decoder.stack.decode_step(y, ctx, cache["layers"])
+        y, caches = self.decoder.stack.decode_step(y, ctx, cache["layers"], layers)
         logits = self.output_head.decode(self.decoder.norm(y))[:, 0]
         cap = self.config.decoder.final_logit_softcap
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
-        return logits, {**cache, "layers": layers, "pos": pos, "step": t + 1}
+        return logits, {**cache, "layers": caches, "pos": pos, "step": t + 1}
 
     @compile_on_first_use
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,

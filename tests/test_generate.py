@@ -1,9 +1,14 @@
 """Cached generation against transformers' generate, and against our own full forward pass."""
 
+import importlib
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import t5gemma2_jax as tg
 from t5gemma2_jax.generation import generate_stream
@@ -70,6 +75,65 @@ def test_cached_logits_equal_the_full_forward_at_every_step(pair):
     dec_in = np.concatenate([np.full((ids.shape[0], 1), 2), tokens[:, :-1]], axis=1)
     full = np.asarray(model(ids, dec_in, mask).logits)
     assert np.abs(scores - full).max() <= 1e-5
+
+
+def _loop_bodies(hlo: str, carried: set) -> dict[str, list[str]]:
+    """The while-loop bodies of an HLO module whose loop state holds an array of a shape in
+    `carried`: computation name -> its instruction lines."""
+    comps, cur = {}, None
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+        if m:
+            cur = comps.setdefault(m.group(1), [line])
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None:
+            cur.append(line)
+    bodies = {b for lines in comps.values() for line in lines for b in re.findall(r"body=%?([\w.\-]+)", line)}
+    shape_text = {f"[{','.join(map(str, s))}]" for s in carried}
+    return {b: comps[b][1:] for b in bodies if any(t in comps[b][0] for t in shape_text)}
+
+
+def test_decoding_loop_reads_caches_and_weights_in_place(monkeypatch):
+    """Per step the compiled loop neither copies a layer's cache (it is updated in place and read
+    part by part, the encoder keys never concatenated to the self keys) nor a layer's weights (on
+    CPU they are sliced out of the scanned stack once, before the loop). Weights large enough for
+    XLA to hand the matmuls to a library kernel, which takes no fused slice."""
+    from t5gemma2_jax.config import TextConfig, default_layer_types, preset
+
+    tower = TextConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=5, num_heads=2,
+                       num_kv_heads=1, head_dim=128, sliding_window=4, layer_types=default_layer_types(5, 2))
+    model = tg.T5Gemma2(preset("tiny", encoder=tower, decoder=tower, with_vision=False), rngs=nnx.Rngs(0))
+    assert model.decoder.stack.blocks is not None and len(model.decoder.stack.layers) == 1
+    generate_module = importlib.import_module("t5gemma2_jax.generation.generate")
+    compiled, texts = generate_module._compiled, []
+
+    def spy(graphdef, options):
+        run = compiled(graphdef, options)
+        return lambda *args: (texts.append(run.lower(*args).compile().as_text()), run(*args))[1]
+
+    monkeypatch.setattr(generate_module, "_compiled", spy)
+    B, S, n = 2, 24, 10
+    tg.generate(model, np.arange(B * S).reshape(B, S) % 500 + 7, max_new_tokens=n)
+    K, d = tower.num_kv_heads, tower.head_dim
+    caches = {(B, c, K, d) for c in (n, 4, S)} | {(B, K, d, c) for c in (n, 4, S)}
+    weights = {tuple(v.shape[1:]) for v in jax.tree.leaves(nnx.state(model.decoder.stack.blocks, nnx.Param))
+               if v.ndim >= 3}
+    bodies = _loop_bodies(texts[0], caches)
+    assert bodies
+    made = []
+    for lines in bodies.values():
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\(", line)
+            if m is None:
+                continue
+            name, dims, op = m.groups()
+            shape = tuple(int(x) for x in dims.split(",") if x)
+            in_place = op == "fusion" and "dynamic-update-slice" in name
+            if shape in caches | weights and op not in ("parameter", "get-tuple-element", "bitcast", "tuple") \
+                    and not in_place:
+                made.append(f"{op} {name} {shape}")
+    assert made == []
 
 
 def test_beam_search(pair):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from t5gemma2_jax.generation.controls import LogitControls, initial_seen, mark_seen
+from t5gemma2_jax.generation.loop import loop_layers
 
 _NEG = -1e30
 
@@ -21,15 +22,8 @@ def _repeat(x: jax.Array, n: int) -> jax.Array:
 
 
 def _reorder(cache: dict, flat_index: jax.Array) -> dict:
-    """Gather the batch rows of every per-row cache entry (scanned blocks carry a leading axis)."""
-    layers = cache["layers"]
-    return {
-        **cache,
-        "layers": {
-            "blocks": jax.tree.map(lambda a: jnp.take(a, flat_index, axis=1), layers["blocks"]),
-            "layers": jax.tree.map(lambda a: jnp.take(a, flat_index, axis=0), layers["layers"]),
-        },
-    }
+    """Gather the batch rows of every layer's cache."""
+    return {**cache, "layers": jax.tree.map(lambda a: jnp.take(a, flat_index, axis=0), cache["layers"])}
 
 
 def beam_search(model, enc, enc_seg, *, num_beams: int, max_new_tokens: int, start_id: int, eos_id: int,
@@ -48,6 +42,7 @@ def beam_search(model, enc, enc_seg, *, num_beams: int, max_new_tokens: int, sta
     last = jnp.full((B * nb,), start_id, jnp.int32)
     rows = jnp.arange(B)[:, None]
     seen = initial_seen(B * nb, V, start_id, controls)
+    layers = loop_layers(model)
 
     def row_done(fin_score):
         return jnp.sum(fin_score > _NEG / 2, axis=-1) >= nb
@@ -58,7 +53,7 @@ def beam_search(model, enc, enc_seg, *, num_beams: int, max_new_tokens: int, sta
 
     def body(c):
         t, last, cache, alive_seq, alive_logp, alive_scores, fin_seq, fin_score, fin_scores, seen = c
-        logits, cache = model.decode_step(last, cache)
+        logits, cache = model.decode_step(last, cache, layers)
         # transformers applies its processors to the log-probabilities in beam search
         logp = controls.apply(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), t, seen).reshape(B, nb, V)
         cand = (alive_logp[..., None] + logp).reshape(B, nb * V)

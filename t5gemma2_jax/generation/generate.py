@@ -18,6 +18,7 @@ from flax import nnx
 
 from t5gemma2_jax.generation.beam import beam_search
 from t5gemma2_jax.generation.controls import initial_seen, make_controls, mark_seen
+from t5gemma2_jax.generation.loop import loop_layers
 from t5gemma2_jax.generation.sampling import process_logits
 
 METHODS = ("greedy", "sample", "beam")
@@ -114,6 +115,7 @@ def _decode_loop(model, enc, enc_seg, rng, o):
     scores = jnp.zeros((B, N, V) if o["return_scores"] else (0,), jnp.float32)
     controls = o["controls"]
     seen = initial_seen(B, V, o["start_id"], controls)
+    layers = loop_layers(model)
     carry = (jnp.zeros((), jnp.int32), jnp.full((B,), o["start_id"], jnp.int32), jnp.zeros((B,), bool),
              cache, tokens, scores, rng, seen)
 
@@ -123,7 +125,7 @@ def _decode_loop(model, enc, enc_seg, rng, o):
 
     def body(c):
         t, last, done, cache, tokens, scores, rng, seen = c
-        logits, cache = model.decode_step(last, cache)
+        logits, cache = model.decode_step(last, cache, layers)
         logits = controls.apply(logits.astype(jnp.float32), t, seen)
         if o["method"] == "greedy":
             chosen_from = logits

@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from t5gemma2_jax.config import TextConfig
 from t5gemma2_jax.nn.backends import attend
 from t5gemma2_jax.nn.lora import project
-from t5gemma2_jax.nn.masks import MaskInfo
+from t5gemma2_jax.nn.masks import MASK_VALUE, MaskInfo, dense_mask
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.nn.rope import apply_rope
 from t5gemma2_jax.sharding import constrain
@@ -66,24 +66,33 @@ class Attention(nnx.Module):
 
     def decode_step(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: MaskInfo, cache: dict,
                     slot: jax.Array) -> tuple[jax.Array, dict]:
-        """Attention of new tokens `x [B, t, D]` against this layer's cache, after writing them to it.
+        """Attention of new tokens `x [B, t, D]` against this layer's cache; then they are written to it.
 
-        `cache['k'|'v'] [B, C, K, d]` hold rotated self keys/values; on local layers C = window
-        and `slot` wraps around (a ring buffer). `cache['ck'|'cv'] [B, S, K, d]` hold the encoder
-        keys/values, computed once. `mask` describes `[C self slots | S encoder keys]`.
+        `cache['k'] [B, C, K, d]` and `cache['v'] [B, K, d, C]` (values stored transposed, the
+        layout the probabilities-times-values product reads without a copy) hold rotated self
+        keys/values; on local layers C = window and `slot` wraps around (a ring buffer).
+        `cache['ck'] [B, S, K, d]`, `cache['cv'] [B, K, d, S]` hold the encoder keys/values,
+        computed once. `mask` describes `[C cached slots | t new keys | S encoder keys]`, the slots
+        about to be overwritten marked empty. The keys are attended part by part, so no part is
+        copied, and the cache is updated in place after it has been read.
         """
         q = project(self, "q", "BTD,DHd->BTHd", x, self.dtype)
         q = apply_rope(self.q_norm(q), sin, cos)
         k, v = self.project_kv(x)
-        k = apply_rope(k, sin, cos)
-        kc = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), slot, axis=1)
-        vc = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), slot, axis=1)
-        keys, values = kc, vc
-        if "ck" in cache:           # merged attention: the encoder keys follow the self slots
-            keys = jnp.concatenate([kc, cache["ck"]], axis=1)
-            values = jnp.concatenate([vc, cache["cv"]], axis=1)
-        out = attend(q, keys, values, mask, scale=self.scale, backend=self.backend, block_size=self.block_size)
+        k = apply_rope(k, sin, cos).astype(cache["k"].dtype)
+        v = jnp.transpose(v, (0, 2, 3, 1)).astype(cache["v"].dtype)                 # [B, K, d, t]
+        keys, values = [cache["k"], k], [cache["v"], v]
+        if "ck" in cache:           # merged attention: the encoder keys follow the self keys
+            keys.append(cache["ck"])
+            values.append(cache["cv"])
+        out = _attend_parts(q, keys, values, mask, self.scale)
         y = project(self, "o", "BTHd,HdD->BTD", out, self.dtype)
+        # XLA writes a buffer in place only where every read of it provably comes first: adding
+        # zero times the output to the new entries makes the writes depend on the reads (no
+        # value changes), else it copies each cache twice per step.
+        after = y[:, :, 0].astype(k.dtype) * 0                                          # [B, t]
+        kc = jax.lax.dynamic_update_slice_in_dim(cache["k"], k + after[:, :, None, None], slot, axis=1)
+        vc = jax.lax.dynamic_update_slice_in_dim(cache["v"], v + after[:, None, None, :], slot, axis=3)
         return y, {**cache, "k": kc, "v": vc}
 
     def attend_to(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo) -> jax.Array:
@@ -91,3 +100,24 @@ class Attention(nnx.Module):
         q = self.q_norm(project(self, "q", "BTD,DHd->BTHd", x, self.dtype))
         out = attend(q, k, v, mask, scale=self.scale, backend=self.backend, block_size=self.block_size)
         return project(self, "o", "BTHd,HdD->BTD", out, self.dtype)
+
+
+def _attend_parts(q: jax.Array, keys: list[jax.Array], values_t: list[jax.Array], mask: MaskInfo,
+                  scale: float) -> jax.Array:
+    """The dense backend's attention over the concatenation of several key/value parts, without
+    concatenating them: each part's scores come from its own buffer and one softmax spans them all
+    (for a decoding step's few queries the scores are small; the caches are not). Keys are
+    `[B, S_i, K, d]`, values transposed `[B, K, d, S_i]`; `mask` describes the concatenation."""
+    B, T, H, d = q.shape
+    K = keys[0].shape[2]
+    qg = q.reshape(B, T, K, H // K, d)
+    s = jnp.asarray(scale, q.dtype)
+    scores = jnp.concatenate([jnp.einsum("BTKGd,BSKd->BKGTS", qg, k) * s for k in keys], axis=-1)
+    scores = jnp.where(dense_mask(mask)[:, None, None, :, :], scores.astype(jnp.float32), MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values_t[0].dtype)
+    out, start = 0, 0
+    for v in values_t:
+        n = v.shape[-1]
+        out = out + jnp.einsum("BKGTS,BKdS->BTKGd", probs[..., start:start + n], v)
+        start += n
+    return out.reshape(B, T, H, d).astype(q.dtype)

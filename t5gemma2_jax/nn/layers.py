@@ -83,12 +83,14 @@ class Layer(nnx.Module):
 
     # ---- cached decoding -------------------------------------------------------------------
     def init_cache(self, encoder_states: jax.Array, size: int, dtype) -> dict:
-        """Empty self slots `[B, size, K, d]` and this layer's encoder keys/values (computed once)."""
+        """Empty self slots (keys `[B, size, K, d]`, values `[B, K, d, size]`) and this layer's
+        encoder keys/values, computed once (see `Attention.decode_step` for the layouts)."""
         B = encoder_states.shape[0]
         _, K, d = kernel(self.attn, "k").shape
-        cache = {"k": jnp.zeros((B, size, K, d), dtype), "v": jnp.zeros((B, size, K, d), dtype)}
+        cache = {"k": jnp.zeros((B, size, K, d), dtype), "v": jnp.zeros((B, K, d, size), dtype)}
         if self.cross == "merged":
-            cache["ck"], cache["cv"] = self.attn.project_kv(encoder_states)
+            ck, cv = self.attn.project_kv(encoder_states)
+            cache["ck"], cache["cv"] = ck, jnp.transpose(cv, (0, 2, 3, 1))
         elif self.cross == "separate":
             cache["xk"], cache["xv"] = self.cross_attn.project_kv(encoder_states)
         return cache

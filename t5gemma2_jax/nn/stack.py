@@ -34,13 +34,6 @@ class Block(nnx.Module):
             x = layer(x, ctx)
         return x
 
-    def decode_step(self, x: jax.Array, ctx: LayerContext, caches: list) -> tuple[jax.Array, list]:
-        out = []
-        for layer, cache in zip(self.layers, caches):
-            x, cache = layer.decode_step(x, ctx, cache)
-            out.append(cache)
-        return x, out
-
 
 class LayerStack(nnx.Module):
     def __init__(self, cfg: TextConfig, *, scan: bool, remat: str, param_dtype, dtype,
@@ -75,25 +68,29 @@ class LayerStack(nnx.Module):
         return x
 
     # ---- cached decoding -------------------------------------------------------------------
-    def init_cache(self, encoder_states: jax.Array, sizes: dict[str, int], dtype) -> dict:
-        """Per-layer caches, laid out like the parameters (`blocks` stacked, `layers` a list):
-        empty self keys/values of `sizes[layer_type]` slots, and the encoder keys/values computed
-        here once (`k_norm(k(enc))`, `v(enc)`, no RoPE)."""
-        def cache(layer: Layer) -> dict:
-            return layer.init_cache(encoder_states, sizes[layer.layer_type], dtype)
-
-        out = {"blocks": [], "layers": [cache(layer) for layer in self.layers]}
+    def decode_layers(self) -> list[Layer]:
+        """Every layer as a module of its own, in order (a scanned block's parameters sliced out)."""
+        layers = []
         if self.blocks is not None:
-            _, out["blocks"] = scan_lib.scan(self.blocks, lambda block, c, _: (c, [cache(m) for m in block.layers]),
-                                             None)
-        return out
+            graphdef, state = nnx.split(self.blocks)
+            for j in range(self.num_blocks):
+                block = nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
+                layers.extend(block.layers)
+        return layers + list(self.layers)
 
-    def decode_step(self, x: jax.Array, ctx: LayerContext, cache: dict) -> tuple[jax.Array, dict]:
-        new = {"blocks": cache["blocks"], "layers": []}
-        if self.blocks is not None:
-            x, new["blocks"] = scan_lib.scan(self.blocks, lambda block, h, c: block.decode_step(h, ctx, c), x,
-                                             cache["blocks"])
-        for layer, c in zip(self.layers, cache["layers"]):
+    def init_cache(self, encoder_states: jax.Array, sizes: dict[str, int], dtype) -> list[dict]:
+        """One cache per layer, in order: empty self keys/values of `sizes[layer_type]` slots, and the
+        encoder keys/values computed here once (`k_norm(k(enc))`, `v(enc)`, no RoPE)."""
+        return [layer.init_cache(encoder_states, sizes[layer.layer_type], dtype) for layer in self.decode_layers()]
+
+    def decode_step(self, x: jax.Array, ctx: LayerContext, cache: list[dict],
+                    layers: list[Layer] | None = None) -> tuple[jax.Array, list[dict]]:
+        """One decoding step through every layer, unrolled: each layer's cache is a buffer of its
+        own, updated in place (a scan would slice each block's caches out of stacked arrays, a
+        copy of every cache per step where the backend does not fuse the slice into the matmul)."""
+        layers = self.decode_layers() if layers is None else layers
+        new = []
+        for layer, c in zip(layers, cache):
             x, c = layer.decode_step(x, ctx, c)
-            new["layers"].append(c)
+            new.append(c)
         return x, new

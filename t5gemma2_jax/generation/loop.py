@@ -1,0 +1,19 @@
+"""What a compiled decoding loop reads its decoder weights from."""
+
+from __future__ import annotations
+
+from t5gemma2_jax.nn.backends import target_platform
+
+
+def loop_layers(model) -> list | None:
+    """The decoder's layers sliced out of their scanned stack once, before a decoding loop, or
+    None to let each step slice them (`model.decode_step(..., layers)`).
+
+    Inside the loop a slice of the stacked weights feeds each matmul. TPU fuses the slice into the
+    matmul; CPU (and GPU) XLA copies it first, i.e. writes and rereads every decoder weight per
+    step, which costs more than reading them. So off TPU the slices are taken once, holding a
+    second copy of the decoder's weights for the duration of the call (none for an unscanned stack).
+    """
+    if target_platform() == "tpu":
+        return None
+    return model.decoder.stack.decode_layers()
