@@ -246,8 +246,9 @@ class T5Gemma2(nnx.Module):
         pos = _positions("decoder", (B, T), positions)
         S = encoder_states.shape[1]
         enc_seg = encoder_segment_ids.astype(jnp.int32)
-        kv_seg = jnp.concatenate([self_seg, enc_seg], axis=1)
-        kv_pos = jnp.concatenate([pos, jnp.zeros((B, S), jnp.int32)], axis=1)
+        # Whole on every device, like the keys they describe (see `Attention.__call__`).
+        kv_seg = constrain(jnp.concatenate([self_seg, enc_seg], axis=1), ("batch", "length"))
+        kv_pos = constrain(jnp.concatenate([pos, jnp.zeros((B, S), jnp.int32)], axis=1), ("batch", "length"))
         W = self.config.decoder.sliding_window
         masks = {
             FULL: MaskInfo(q_seg, pos, kv_seg, kv_pos, causal=True, cross_start=T),
@@ -262,7 +263,10 @@ class T5Gemma2(nnx.Module):
         # here once (its D values per position), not every layer's projected keys and values.
         encoder_states = constrain(encoder_states, ("batch", "length", "embed"))
         ctx = LayerContext(rope=self.decoder.rope_tables(pos), masks=masks, encoder_states=encoder_states)
-        logits = self.output_head.decode(self.decoder(y, ctx))
+        # The decoder's positions (MLPs, head, loss) split like the encoder's; its attention reads
+        # whole keys (its causal and merged masks run unsplit, `nn/backends/context`).
+        with length_of("decoder_length"):
+            logits = self.output_head.decode(self.decoder(constrain(y, ("batch", "length", "embed")), ctx))
         cap = self.config.decoder.final_logit_softcap
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -40,9 +41,11 @@ DEFAULT_RULES: Rules = (
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
-    # The encoder's sequence (what `length_of("encoder_length")` maps `activation_length` to
-    # inside the encoder); the decoder's stays whole.
+    # Each tower's sequence: what `length_of("encoder_length")` / `length_of("decoder_length")`
+    # map `activation_length` to inside the encoder / decoder (context parallelism).
     ("activation_encoder_length", "context"),
+    ("activation_decoder_length", "context"),
+    ("activation_encoder_keys", None),       # a decoder layer's keys of the (gathered) encoder output
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -127,16 +130,20 @@ def _active_mesh():
 
 def fit_spec(spec: P, shape: Sequence[int], axis_sizes: Mapping[str, int]) -> tuple[P, bool]:
     """`spec` for an array of `shape`, one entry per dimension, with every dimension its mesh axes
-    do not divide left replicated (e.g. one KV head on tensor=4): GSPMD would otherwise pad it
-    and rematerialise. Also says whether any dimension fell back."""
+    do not divide sharded over the longest leading run of them that does (1152 over
+    `('fsdp', 'context')` = 16 x 16: over `fsdp` alone), or left replicated when none does (one KV
+    head on tensor=4): GSPMD would otherwise pad it and rematerialise. Also says whether any
+    dimension fell back."""
     fitted, fell_back = [], False
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         if axes is not None:
-            n = 1
-            for a in (axes,) if isinstance(axes, str) else axes:
-                n *= axis_sizes[a]
-            if dim % n:
-                axes, fell_back = None, True
+            names = (axes,) if isinstance(axes, str) else tuple(axes)
+            keep = len(names)
+            while keep and dim % math.prod(axis_sizes[a] for a in names[:keep]):
+                keep -= 1
+            if keep < len(names):
+                fell_back = True
+                axes = None if keep == 0 else (names[0] if keep == 1 else names[:keep])
         fitted.append(axes)
     return P(*fitted), fell_back
 

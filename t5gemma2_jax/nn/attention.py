@@ -21,7 +21,6 @@ from t5gemma2_jax.nn.rope import apply_rope
 from t5gemma2_jax.sharding import constrain
 
 _BTHD = ("batch", "length", "heads", "head_dim")
-_BSKD = ("batch", "length", "kv_heads", "head_dim")
 
 
 class Attention(nnx.Module):
@@ -41,12 +40,14 @@ class Attention(nnx.Module):
         self.backend = backend
         self.block_size = block_size
 
-    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Normed, un-rotated keys and values `[B, S, K, d]` of `x [B, S, D]`."""
+    def project_kv(self, x: jax.Array, length: str = "length") -> tuple[jax.Array, jax.Array]:
+        """Normed, un-rotated keys and values `[B, S, K, d]` of `x [B, S, D]`, their sequence
+        sharded by the rule of `length` (`"encoder_keys"`: a decoder's whole encoder keys)."""
+        names = ("batch", length, "kv_heads", "head_dim")
         k = project(self, "k", "BSD,DKd->BSKd", x, self.dtype)
         v = project(self, "v", "BSD,DKd->BSKd", x, self.dtype)
-        k = constrain(checkpoint_name(self.k_norm(k), "key_proj"), _BSKD)
-        v = constrain(checkpoint_name(v, "value_proj"), _BSKD)
+        k = constrain(checkpoint_name(self.k_norm(k), "key_proj"), names)
+        v = constrain(checkpoint_name(v, "value_proj"), names)
         return k, v
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: MaskInfo,
@@ -57,8 +58,11 @@ class Attention(nnx.Module):
         k, v = self.project_kv(x)
         k = apply_rope(k, sin, cos)
         if cross_kv is not None:
-            k = jnp.concatenate([k, cross_kv[0]], axis=1)
-            v = jnp.concatenate([v, cross_kv[1]], axis=1)
+            # [self | encoder] keys whole on every device: the decoder's few self keys are gathered
+            # when its positions are split (context parallelism), the encoder keys already are.
+            whole = lambda x: constrain(x, ("batch", "encoder_keys", "kv_heads", "head_dim"))  # noqa: E731
+            k = whole(jnp.concatenate([whole(k), cross_kv[0]], axis=1))
+            v = whole(jnp.concatenate([whole(v), cross_kv[1]], axis=1))
         out = attend(q, k, v, mask, scale=self.scale, backend=self.backend, block_size=self.block_size)
         out = checkpoint_name(constrain(out, _BTHD), "attention_out")
         y = project(self, "o", "BTHd,HdD->BTD", out, self.dtype)

@@ -71,11 +71,11 @@ class Layer(nnx.Module):
     def __call__(self, x: jax.Array, ctx: LayerContext) -> jax.Array:
         x = checkpoint_name(constrain(x, ("batch", "length", "embed")), "layer_input")
         sin, cos = ctx.rope[self.layer_type]
-        cross_kv = self.attn.project_kv(ctx.encoder_states) if self.cross == "merged" else None
+        cross_kv = self.attn.project_kv(ctx.encoder_states, "encoder_keys") if self.cross == "merged" else None
         h = self.attn(self.pre_attn_norm(x), sin, cos, self._self_mask(ctx), cross_kv)
         x = x + self.post_attn_norm(h)
         if self.cross == "separate":
-            ck, cv = self.cross_attn.project_kv(ctx.encoder_states)
+            ck, cv = self.cross_attn.project_kv(ctx.encoder_states, "encoder_keys")
             h = self.cross_attn.attend_to(self.pre_cross_norm(x), ck, cv, ctx.masks["cross"])
             x = x + self.post_cross_norm(h)
         h = self.mlp(self.pre_ffw_norm(x))
@@ -89,10 +89,10 @@ class Layer(nnx.Module):
         _, K, d = kernel(self.attn, "k").shape
         cache = {"k": jnp.zeros((B, size, K, d), dtype), "v": jnp.zeros((B, K, d, size), dtype)}
         if self.cross == "merged":
-            ck, cv = self.attn.project_kv(encoder_states)
+            ck, cv = self.attn.project_kv(encoder_states, "encoder_keys")
             cache["ck"], cache["cv"] = ck, jnp.transpose(cv, (0, 2, 3, 1))
         elif self.cross == "separate":
-            cache["xk"], cache["xv"] = self.cross_attn.project_kv(encoder_states)
+            cache["xk"], cache["xv"] = self.cross_attn.project_kv(encoder_states, "encoder_keys")
         return cache
 
     def decode_step(self, x: jax.Array, ctx: LayerContext, cache: dict) -> tuple[jax.Array, dict]:
