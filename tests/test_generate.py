@@ -110,7 +110,11 @@ def test_decoding_loop_reads_caches_and_weights_in_place(monkeypatch):
 
     def spy(graphdef, options):
         run = compiled(graphdef, options)
-        return lambda *args: (texts.append(run.lower(*args).compile().as_text()), run(*args))[1]
+        def call(*args):
+            program = run.lower(*args).compile()
+            texts.append(program.as_text())
+            return program(*args)
+        return call
 
     monkeypatch.setattr(generate_module, "_compiled", spy)
     B, S, n = 2, 24, 10
