@@ -17,3 +17,12 @@ def loop_layers(model) -> list | None:
     if target_platform() == "tpu":
         return None
     return model.decoder.stack.decode_layers()
+
+
+def loop_block_states(model) -> list | None:
+    """`loop_layers` for a loop run from Python, one compiled step per call (`generate_stream`):
+    the scanned blocks' sliced parameters, to return from one program and pass to the next
+    (`model.decoder.stack.decode_layers(block_states)`), or None where nothing is sliced."""
+    if target_platform() == "tpu" or model.decoder.stack.blocks is None:
+        return None
+    return model.decoder.stack.block_states()

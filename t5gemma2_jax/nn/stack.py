@@ -68,14 +68,21 @@ class LayerStack(nnx.Module):
         return x
 
     # ---- cached decoding -------------------------------------------------------------------
-    def decode_layers(self) -> list[Layer]:
-        """Every layer as a module of its own, in order (a scanned block's parameters sliced out)."""
+    def block_states(self) -> list:
+        """Each scanned block's parameters (and other state), sliced out of the stack."""
+        if self.blocks is None:
+            return []
+        state = nnx.split(self.blocks)[1]
+        return [jax.tree.map(lambda a: a[j], state) for j in range(self.num_blocks)]
+
+    def decode_layers(self, block_states: list | None = None) -> list[Layer]:
+        """Every layer as a module of its own, in order: the scanned blocks' from `block_states`
+        (`block_states()`, sliced here when not given), then the unscanned ones."""
         layers = []
         if self.blocks is not None:
-            graphdef, state = nnx.split(self.blocks)
-            for j in range(self.num_blocks):
-                block = nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
-                layers.extend(block.layers)
+            graphdef = nnx.split(self.blocks)[0]
+            for state in self.block_states() if block_states is None else block_states:
+                layers.extend(nnx.merge(graphdef, state).layers)
         return layers + list(self.layers)
 
     def init_cache(self, encoder_states: jax.Array, sizes: dict[str, int], dtype) -> list[dict]:
