@@ -140,6 +140,19 @@ def test_decoding_loop_reads_caches_and_weights_in_place(monkeypatch):
     assert made == []
 
 
+def test_greedy_choice_is_the_first_argmax():
+    from t5gemma2_jax.generation.sampling import greedy
+
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-2, 2, (6, 70000)).astype(np.float32)      # ties everywhere
+    logits[1, rng.integers(0, 70000, 9)] = np.inf
+    logits[2] = -np.inf
+    logits[3, :] = 5.0
+    got = np.asarray(greedy(jnp.asarray(logits)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+
+
 def test_beam_search(pair):
     hf, model = pair
     ids, mask, _, _ = text_inputs(1)

@@ -19,7 +19,7 @@ from flax import nnx
 from t5gemma2_jax.generation.beam import beam_search
 from t5gemma2_jax.generation.controls import initial_seen, make_controls, mark_seen
 from t5gemma2_jax.generation.loop import loop_layers
-from t5gemma2_jax.generation.sampling import process_logits
+from t5gemma2_jax.generation.sampling import greedy, process_logits
 
 METHODS = ("greedy", "sample", "beam")
 
@@ -129,7 +129,7 @@ def _decode_loop(model, enc, enc_seg, rng, o):
         logits = controls.apply(logits.astype(jnp.float32), t, seen)
         if o["method"] == "greedy":
             chosen_from = logits
-            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            nxt = greedy(logits)
         else:
             rng, key = jax.random.split(rng)
             chosen_from = process_logits(logits, temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])

@@ -1,4 +1,5 @@
-"""Logit processing for sampling, in Hugging Face's order: temperature, top-k, top-p."""
+"""Choosing the next token: greedy, and logit processing for sampling in Hugging Face's order
+(temperature, top-k, top-p)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """`[B]` int32: each row's first index of its largest logit, as `argmax`. Through `lax.top_k`,
+    which XLA:CPU runs in a quarter of `argmax`'s time over a 262k vocabulary (0.5 against 2.3 ms
+    per step for two rows)."""
+    return jax.lax.top_k(logits, 1)[1][:, 0].astype(jnp.int32)
 
 
 def process_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int | None = None,

@@ -17,7 +17,7 @@ from flax import nnx
 
 from t5gemma2_jax.generation.controls import LogitControls, initial_seen, make_controls, mark_seen
 from t5gemma2_jax.generation.loop import loop_block_states
-from t5gemma2_jax.generation.sampling import process_logits
+from t5gemma2_jax.generation.sampling import greedy, process_logits
 
 
 @functools.lru_cache(maxsize=8)
@@ -36,7 +36,7 @@ def _functions(graphdef, max_new_tokens: int, method: str, temperature: float, t
         logits, cache = model.decode_step(last, cache, layers)
         logits = controls.apply(logits.astype(jnp.float32), t, seen)
         if method == "greedy":
-            nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+            nxt = greedy(logits)
         else:
             logits = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
             nxt = jax.random.categorical(key, logits, -1).astype(jnp.int32)
