@@ -4,7 +4,7 @@
     python scripts/benchmark_attention.py --lengths 4096 16384 --window 512 --heads 4 --kv-heads 1
     python scripts/benchmark_attention.py --sweep --preset 270m-270m --lengths 256 512 1024 2048 4096
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-        python scripts/benchmark_attention.py --context 4 --lengths 4096 16384 --window 512
+        python scripts/benchmark_attention.py --context 4 --lengths 4096 16384 --window 512 --kinds local --backends blockwise
 
 Local (sliding-window) layers of the blockwise backend should grow linearly with length
 (time at 16K <= 1.3 x 4 x time at 4K), also with the sequence split over `--context` devices
@@ -145,6 +145,7 @@ def main(argv=None):
     p.add_argument("--kinds", nargs="+", default=["local", "global", "decoder"], choices=["local", "global", "decoder"])
     p.add_argument("--decoder-length", type=int, default=256, help="self keys of the decoder kind (--sweep)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--backends", nargs="+", default=["blockwise", "dense"], help="timed backends (not --sweep)")
     p.add_argument("--context", type=int, default=1,
                    help="split the sequence over this many devices (mesh.context; on CPU run with "
                         "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
@@ -165,8 +166,8 @@ def main(argv=None):
                 f.write(json.dumps(dict(args=vars(a), rows=rows)) + "\n")
         return 0
     rows = []
-    for kind in ("local", "global"):
-        for backend in ("blockwise", "dense"):
+    for kind in [k for k in a.kinds if k in ("local", "global")]:
+        for backend in a.backends:
             for T in a.lengths:
                 score_gib = a.batch * a.heads * T * T * 4 / 2**30
                 if backend == "dense" and score_gib > a.dense_limit_gib:
