@@ -1,6 +1,7 @@
 """Cached generation against transformers' generate, and against our own full forward pass."""
 
 import importlib
+import json
 import re
 
 import jax
@@ -151,6 +152,19 @@ def test_greedy_choice_is_the_first_argmax():
     got = np.asarray(greedy(jnp.asarray(logits)))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+
+
+def test_benchmark_decode_reports_the_step_against_its_read_bound(tmp_path):
+    from scripts_loader import load_script
+
+    out = tmp_path / "decode.jsonl"
+    result = load_script("benchmark_decode").main(["--preset", "tiny", "--encoder-length", "24", "--batch", "2",
+                                                   "--new-tokens", "3", "--reps", "1", "--bandwidth-mib", "64",
+                                                   "--json", str(out)])
+    cfg = tg.preset("tiny")
+    assert result["step_bytes"]["head_table"] == cfg.vocab_size * cfg.decoder.hidden_size * 4
+    assert result["step_bytes"]["caches"] > 0 and result["read_bandwidth_gbs"] > 0 and result["bound_s"] > 0
+    assert json.loads(out.read_text())["preset"] == "tiny"
 
 
 def test_beam_search(pair):
