@@ -23,7 +23,7 @@ def test_aot_compile_on_the_local_devices(tmp_path, capsys):
         "--config", str(ROOT / "configs" / "tiny.yaml"), "--json", str(out), "model.scan_layers=false",
         "data.max_images_per_row=0", "data.encoder_length=32", "data.decoder_length=16",
         "model.encoder.num_layers=2", "model.decoder.num_layers=2", "model.attention_backend=dense"])
-    assert result["chips"] == 8 and result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert result["chips"] == 8 and result["mesh"] == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
     assert result["memory_per_chip"]["total"] > 0 and result["generate_memory_per_chip"]["total"] > 0
     # Unscanned and dense: XLA's count is comparable to the analytic one (matmuls only); at width 64
     # the elementwise work and the optimizer, which the analytic count leaves out, add about 10%.
