@@ -33,7 +33,7 @@ $(TBSTAMP): $(BASE)
 tensorboard: $(TBSTAMP)
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
-# Train the tiny model on the demo data (CPU, a few minutes), generate, show what it learned.
+# Train a small model on the demo data (CPU, about two minutes), generate, answer held-out questions.
 demo: $(BASE)
 	$(PY) scripts/demo.py
 

@@ -5,7 +5,8 @@
     python scripts/make_demo_data.py --out /tmp/demo --image-files   # PNG files, relative paths
 
 Writes pretrain_{train,eval}.jsonl and sft_{train,eval}.jsonl (2000/200 records each at
---scale 1). The trainer uses the same data, generated into its cache, when data.train is unset.
+--scale 1) and qa_train.jsonl (4000 chat records, two questions per scene, for `make demo`). The
+trainer uses the same data, generated into its cache, when data.train is unset.
 """
 
 from __future__ import annotations

@@ -10,13 +10,16 @@ Files (JSONL, the formats the trainer reads):
       descriptions)
   sft_train.jsonl / sft_eval.jsonl  {"messages": [{"role": "user", "content": ...,
       "images": [...]}, {"role": "model", "content": ...}, ...]} (one or two Q/A turns)
-  qa_train.jsonl  {"text": caption + two questions with their answers} (text-only pretraining
-      records: the model learns to answer questions about a scene described in its context;
-      `qa_items` gives held-out questions with their candidate answers to score it on)
+  qa_train.jsonl  {"messages": [{"role": "user", "content": caption + " " + question},
+      {"role": "model", "content": answer}]} (text-only chat records, two questions per scene:
+      the answer is the decoder target, as the demo asks it; `qa_items` gives questions about
+      held-out scenes with their candidate answers to score a model on)
 
 Images are inline `data:image/png;base64,...` strings by default (one self-contained file per
 split), or PNG files referenced by relative path (`image_files=True`).
-`demo_paths()` builds the dataset once into the cache and returns its paths.
+`demo_paths()` builds the dataset once into the cache and returns its paths. `MixedBatches`
+interleaves the batches of several pipelines (the demo: UL2 pretraining on the scenes and SFT on
+the questions, in one run).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 
 from t5gemma2_jax.data.cache import atomic_write_bytes, cache_dir
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 CANVAS = 48
 
 COLORS = {
@@ -138,12 +141,17 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class QAItem:
-    """A question about a scene described by `context`, its answer among `candidates`."""
+    """A question about a scene described by `context`, its answer among `candidates`; `kind`
+    is what it asks: "background", "shape", "colour" or "relation"."""
 
     context: str
     question: str
     answer: str
     candidates: tuple[str, ...]
+    kind: str = ""
+
+
+QA_KINDS = ("background", "shape", "colour", "relation")
 
 
 def qa_pairs(scene: Scene) -> list[QAItem]:
@@ -151,29 +159,44 @@ def qa_pairs(scene: Scene) -> list[QAItem]:
     background, relation), each with every answer of that set."""
     a, ctx = scene.shapes[0], scene.caption()
     items = [QAItem(ctx, "what color is the background?", f"{scene.background}.",
-                    tuple(f"{c}." for c in sorted(BACKGROUNDS))),
-             QAItem(ctx, f"which shape is {a.color}?", f"the {a.kind}.", tuple(f"the {k}." for k in SHAPES))]
+                    tuple(f"{c}." for c in sorted(BACKGROUNDS)), "background"),
+             QAItem(ctx, f"which shape is {a.color}?", f"the {a.kind}.", tuple(f"the {k}." for k in SHAPES),
+                    "shape")]
     colors = tuple(f"{c}." for c in sorted(COLORS))
     for s in scene.shapes:
         if sum(o.kind == s.kind for o in scene.shapes) == 1:
-            items.append(QAItem(ctx, f"what color is the {s.kind}?", f"{s.color}.", colors))
+            items.append(QAItem(ctx, f"what color is the {s.kind}?", f"{s.color}.", colors, "colour"))
     if len(scene.shapes) == 2:
         b = scene.shapes[1]
         items.append(QAItem(ctx, f"where is the {a.color} {a.kind}?", f"{scene.relation} the {b.color} {b.kind}.",
-                            tuple(f"{r} the {b.color} {b.kind}." for r in sorted(RELATIONS))))
+                            tuple(f"{r} the {b.color} {b.kind}." for r in sorted(RELATIONS)), "relation"))
     return items
 
 
 def qa_records(n: int, seed: int, image_dir: Path | None = None) -> list[dict]:
-    """Text-only records: a caption followed by two of its questions, each with its answer."""
+    """`n` text-only chat records, two per scene: the caption and a question in the user turn,
+    its answer in the model turn (the format `scripts/demo.py` asks questions in)."""
     del image_dir  # no images: the scene is in the text
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
+    out: list[dict] = []
+    while len(out) < n:
         scene = random_scene(rng)
-        items = rng.sample(qa_pairs(scene), 2)
-        out.append({"text": " ".join([scene.caption()] + [f"{q.question} {q.answer}" for q in items])})
+        for q in rng.sample(qa_pairs(scene), 2)[: n - len(out)]:
+            out.append({"messages": [{"role": "user", "content": f"{q.context} {q.question}"},
+                                     {"role": "model", "content": q.answer}]})
     return out
+
+
+def scene_caption(record: dict) -> str:
+    """The caption of the scene a pretraining or question record is about."""
+    text = record["messages"][0]["content"] if "messages" in record else record["text"]
+    return text.replace("<start_of_image>", "").split(" background.")[0] + " background."
+
+
+def split_captions(path: str | os.PathLike) -> set[str]:
+    """The scene captions of a pretraining or question split (JSONL): what held-out means."""
+    with open(path, encoding="utf-8") as f:
+        return {scene_caption(json.loads(line)) for line in f if line.strip()}
 
 
 def qa_items(n: int, seed: int = 6, exclude: set[str] = frozenset()) -> list[QAItem]:
@@ -250,7 +273,7 @@ SPLITS = {  # name -> (records function, number, seed)
     "pretrain_eval": (pretrain_records, 200, 2),
     "sft_train": (sft_records, 2000, 3),
     "sft_eval": (sft_records, 200, 4),
-    "qa_train": (qa_records, 2000, 5),
+    "qa_train": (qa_records, 4000, 5),
 }
 
 
@@ -286,3 +309,52 @@ def demo_paths(kind: str = "pretrain") -> tuple[str, str]:
     """(train, eval) JSONL paths of the demo dataset for `kind`, generated once into the cache."""
     paths = demo_split_paths()
     return paths[f"{kind}_train"], paths[f"{kind}_eval"]
+
+
+class MixedBatches:
+    """The batches of several sources in a fixed repeating order (`pattern` [0, 1]: one of each
+    in turn), with the trainer's batch-source interface: `get_state` / `set_state` (JSON, so a
+    resumed run continues every source where it stopped), `stats` (the counters summed), and
+    `skip_summary` / `close`. The sources must give batches of one shape (same data lengths)."""
+
+    def __init__(self, sources, pattern=(0, 1)):
+        self.sources, self.pattern = list(sources), [int(i) for i in pattern]
+        if not self.pattern or not all(0 <= i < len(self.sources) for i in self.pattern):
+            raise ValueError(f"pattern {self.pattern} must index the {len(self.sources)} sources")
+        self.index = 0
+
+    def __iter__(self) -> MixedBatches:
+        return self
+
+    def __next__(self) -> dict:
+        source = self.sources[self.pattern[self.index % len(self.pattern)]]
+        batch = next(source)
+        self.index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"index": self.index, "sources": [s.get_state() for s in self.sources]}
+
+    def set_state(self, state: dict | str | bytes) -> None:
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if len(state["sources"]) != len(self.sources):
+            raise ValueError(f"state of {len(state['sources'])} sources, not {len(self.sources)}")
+        for source, s in zip(self.sources, state["sources"]):
+            source.set_state(s)
+        self.index = int(state["index"])
+
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for source in self.sources:
+            for k, v in source.stats().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def skip_summary(self) -> str:
+        return "; ".join(s.skip_summary() for s in self.sources if hasattr(s, "skip_summary"))
+
+    def close(self) -> None:
+        for source in self.sources:
+            if hasattr(source, "close"):
+                source.close()
