@@ -6,11 +6,19 @@ optionally against transformers (PyTorch, eager) doing the same work in the same
         --batch 2 --dtype float32 --vs-hf
 
 Train step: forward + backward + AdamW update, the trainer's own compiled step
-(`t5gemma2_jax.train.Trainer`, state donated), timed after one warm-up step.
+(`t5gemma2_jax.train.Trainer`, state donated), timed after one warm-up step. `--breakdown` also
+times its parts as separate programs (`Trainer.compile_parts`: forward + loss, forward + backward,
+the optimizer update) with each one's fraction of the peak.
 Generation: encoder + `--new-tokens` greedy tokens with the KV cache (`t5gemma2_jax.generate`),
 against `model.generate(do_sample=False, min_new_tokens=max_new_tokens)` in transformers.
 TFLOP/s use the analytic count of `t5gemma2_jax.train.flops`; MFU divides by the device's
-peak (a table for TPU/GPU, a measured fp32 matmul on CPU).
+peak (a table for TPU/GPU, a measured fp32 matmul on CPU). Each part reports the peak host
+memory it reached (the process's high-water mark, reset before each part where Linux allows).
+
+`--hugepages` (Linux, glibc) re-runs the script with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`:
+XLA:CPU allocates each program's temporary buffers afresh per call, and with 4 KiB pages the kernel
+faults in every page of them each step (at 270m-270m about 4.7 GiB a step); transparent huge
+pages fault 2 MiB at a time. Both frameworks run in the one process, so both get the allocator.
 """
 
 from __future__ import annotations
@@ -41,6 +49,41 @@ def _batch(cfg, B, S, T, seed=0):
     return ids, dec, targets
 
 
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+
+
+def _with_hugepages(argv) -> None:
+    """Re-exec this script with glibc's transparent-huge-page tunable set (Linux/glibc only)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or HUGEPAGES in os.environ.get(
+            "GLIBC_TUNABLES", ""):
+        return
+    tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv],
+              {**os.environ, "GLIBC_TUNABLES": tunables})
+
+
+def _reset_peak_memory() -> bool:
+    """Reset the process's resident-memory high-water mark (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory_gb() -> float:
+    """The resident-memory high-water mark since the last reset (else of the whole run), GiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _time(fn, steps):
     fn()                                    # warm-up (compilation)
     times = []
@@ -51,27 +94,35 @@ def _time(fn, steps):
     return float(np.median(times))
 
 
-def bench_jax_train(a, B, S, T, steps):
-    """The trainer's step on unpacked rows (one example per row, as transformers gets them), with
-    AdamW as `torch.optim.AdamW` defaults it: constant lr 1e-4, weight decay 0.01, no clipping."""
-    cfg = from_dict({
+def _train_config(a, B, S, T):
+    """The trainer's config for unpacked rows (one example per row, as transformers gets them),
+    with AdamW as `torch.optim.AdamW` defaults it: constant lr 1e-4, weight decay 0.01, no clipping."""
+    return from_dict({
         "model": {"preset": a.preset, "with_vision": False, "dtype": a.dtype, "param_dtype": "float32",
-                  "attention_backend": a.attention, "remat": a.remat},
+                  "attention_backend": a.attention, "remat": a.remat, "scan_layers": not a.no_scan},
         "data": {"batch_size": B, "encoder_length": S, "decoder_length": T, "max_images_per_row": 0},
         "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
         "optim": {"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.01,
                   "clip_norm": 0.0},
         "train": {"data_source": "synthetic", "eval_every": 0},
     })
-    trainer = Trainer.build(cfg, devices=jax.devices()[:1])
-    compiled = trainer.compile()
+
+
+def _train_batch(trainer, B, S, T):
     ids, dec, tgt = _batch(trainer.model_config, B, S, T)
     ones = lambda n: np.ones((B, n), np.int32)  # noqa: E731
     positions = lambda n: np.broadcast_to(np.arange(n, dtype=np.int32), (B, n)).copy()  # noqa: E731
-    batch = trainer.place_batch({
+    return trainer.place_batch({
         "encoder_input_ids": ids, "encoder_segment_ids": ones(S), "encoder_positions": positions(S),
         "decoder_input_ids": dec, "decoder_target_ids": tgt, "decoder_loss_weights": ones(T).astype(np.float32),
         "decoder_segment_ids": ones(T), "decoder_positions": positions(T)})
+
+
+def bench_jax_train(a, B, S, T, steps):
+    """Seconds of the trainer's compiled train step (state donated), median of `steps`."""
+    trainer = Trainer.build(_train_config(a, B, S, T), devices=jax.devices()[:1])
+    compiled = trainer.compile()
+    batch = _train_batch(trainer, B, S, T)
     state = [trainer.init_state()]
 
     def run():
@@ -79,6 +130,32 @@ def bench_jax_train(a, B, S, T, steps):
         metrics["loss"].block_until_ready()
 
     return _time(run, steps)
+
+
+def bench_jax_parts(a, B, S, T, steps):
+    """Seconds of the train step's parts compiled one by one (`Trainer.compile_parts`): forward +
+    loss, forward + backward, and the optimizer update (state donated); medians of `steps`."""
+    trainer = Trainer.build(_train_config(a, B, S, T), devices=jax.devices()[:1])
+    parts = trainer.compile_parts()
+    batch = _train_batch(trainer, B, S, T)
+    state = [trainer.init_state()]
+    out = {"forward": _time(lambda: parts.forward(state[0], batch).block_until_ready(), steps)}
+    grads = [None]
+
+    def gradient():
+        loss, grads[0] = parts.gradient(state[0], batch)
+        loss.block_until_ready()
+
+    out["gradient"] = _time(gradient, steps)
+    loss = parts.forward(state[0], batch)
+
+    def update():
+        state[0] = parts.update(state[0], grads[0], loss)
+        jax.block_until_ready(state[0])
+
+    out["update"] = _time(update, steps)
+    out["state_bytes"] = trainer.state_sizes()["trainable"]
+    return out
 
 
 def bench_jax_generate(cfg, B, S, N, steps):
@@ -150,6 +227,11 @@ def main(argv=None):
     p.add_argument("--attention", default="auto", choices=("auto", "dense", "blockwise", "cudnn"),
                    help="the config's attention_backend (default: the package default)")
     p.add_argument("--remat", default="none")
+    p.add_argument("--no-scan", action="store_true", help="run every layer unscanned (model.scan_layers=false)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the train step's parts: forward + loss, backward, optimizer update")
+    p.add_argument("--hugepages", action="store_true",
+                   help="re-run with glibc's transparent-huge-page tunable (see the module docstring)")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--what", default="train,generate")
@@ -157,9 +239,11 @@ def main(argv=None):
     p.add_argument("--hf-device", default="cpu", help="torch device for --vs-hf (e.g. cuda); dtype as --dtype")
     p.add_argument("--json", help="append the results as one JSON line to this file")
     a = p.parse_args(argv)
+    if a.hugepages and argv is None:
+        _with_hugepages(sys.argv[1:])
 
     cfg = tg.preset(a.preset, with_vision=False, dtype=a.dtype, param_dtype="float32",
-                    attention_backend=a.attention, remat=a.remat)
+                    attention_backend=a.attention, remat=a.remat, scan_layers=not a.no_scan)
     B, S, T, N = a.batch, a.encoder_length, a.decoder_length, a.new_tokens
     dev = jax.devices()[0]
     peak, peak_src = peak_flops_per_device(dev)
@@ -168,31 +252,61 @@ def main(argv=None):
     flops = step_flops(cfg, batch=B, encoder_length=S, decoder_length=T)
     train_flops = flops.train_per_step
     result = dict(preset=a.preset, batch=B, encoder_length=S, decoder_length=T, dtype=a.dtype,
-                  attention=a.attention, device=f"{dev.platform}:{dev.device_kind}", host=platform.processor()
-                  or platform.machine(), cpus=os.cpu_count(), peak_tflops=peak / 1e12, peak_source=peak_src)
+                  attention=a.attention, scan_layers=not a.no_scan, remat=a.remat,
+                  device=f"{dev.platform}:{dev.device_kind}", host=platform.processor() or platform.machine(),
+                  cpus=os.cpu_count(), peak_tflops=peak / 1e12, peak_source=peak_src,
+                  glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+    print(f"host allocator: GLIBC_TUNABLES={result['glibc_tunables'] or '(default)'}")
     what = set(a.what.split(","))
+    resets = _reset_peak_memory()
+
+    def peak_memory(key: str) -> str:
+        """Record the high-water mark of the part just run as `key` (and reset it for the next)."""
+        result[key] = _peak_memory_gb()
+        _reset_peak_memory()
+        return f"  peak host memory {result[key]:.2f} GiB" if resets else ""
+
+    mfu = lambda f, t: f"  {100 * f / t / peak:.1f}% of peak" if peak else ""  # noqa: E731
     if "train" in what:
         t = bench_jax_train(a, B, S, T, a.steps)
         result.update(train_step_s=t, train_tokens_per_s=B * (S + T) / t, train_tflops=train_flops / t / 1e12,
                       train_mfu=(train_flops / t / peak) if peak else None)
         print(f"jax train step: {t:.3f} s  {B * (S + T) / t:.1f} tok/s  {train_flops / t / 1e12:.3f} TFLOP/s"
-              + (f"  MFU {100 * train_flops / t / peak:.1f}% of {peak / 1e12:.2f} ({peak_src})" if peak else ""))
+              + (f"  MFU {100 * train_flops / t / peak:.1f}% of {peak / 1e12:.2f} ({peak_src})" if peak else "")
+              + peak_memory("train_peak_host_memory_gb"))
+        if a.breakdown:
+            parts = bench_jax_parts(a, B, S, T, a.steps)
+            fwd_flops = flops.forward_per_row * B
+            tf, tb, tu = parts["forward"], parts["gradient"] - parts["forward"], parts["update"]
+            # The update reads parameters, gradients and both moments and writes three of them back.
+            update_gbs = 7 * parts["state_bytes"] / tu / 1e9
+            result.update(forward_s=tf, backward_s=tb, update_s=tu, backward_over_forward=tb / tf,
+                          forward_mfu=fwd_flops / tf / peak if peak else None,
+                          backward_mfu=(train_flops - fwd_flops) / tb / peak if peak else None,
+                          update_gb_per_s=update_gbs)
+            print(f"  forward + loss {tf:.3f} s{mfu(fwd_flops, tf)}\n"
+                  f"  backward       {tb:.3f} s{mfu(train_flops - fwd_flops, tb)}  ({tb / tf:.2f}x the forward)\n"
+                  f"  update         {tu:.3f} s  ({update_gbs:.1f} GB/s: 7 passes over {parts['state_bytes'] / 1e9:.2f} GB)"
+                  + peak_memory("parts_peak_host_memory_gb"))
         if a.vs_hf:
             th = bench_hf_train(cfg, B, S, T, a.steps, a.hf_device, a.dtype)
             result.update(hf_train_step_s=th, train_speedup_vs_hf=th / t)
-            print(f"transformers train step: {th:.3f} s  -> jax is {th / t:.2f}x faster")
+            print(f"transformers train step: {th:.3f} s  -> jax is {th / t:.2f}x faster"
+                  + peak_memory("hf_train_peak_host_memory_gb"))
     if "generate" in what:
         t = bench_jax_generate(cfg, B, S, N, a.steps)
         result.update(generate_s=t, generate_tokens_per_s=B * N / t)
-        print(f"jax generate ({N} new tokens): {t:.3f} s  {B * N / t:.1f} tok/s")
+        print(f"jax generate ({N} new tokens): {t:.3f} s  {B * N / t:.1f} tok/s"
+              + peak_memory("generate_peak_host_memory_gb"))
         if a.vs_hf:
             th = bench_hf_generate(cfg, B, S, N, a.steps, a.hf_device, a.dtype)
             result.update(hf_generate_s=th, generate_speedup_vs_hf=th / t)
-            print(f"transformers generate: {th:.3f} s  -> jax is {th / t:.2f}x faster")
-    # The process's high-water mark of host memory (Linux reports KiB): what training or generation
-    # at these shapes needed on this host, parameters, state and compiled programs included.
+            print(f"transformers generate: {th:.3f} s  -> jax is {th / t:.2f}x faster"
+                  + peak_memory("hf_generate_peak_host_memory_gb"))
+    # The process's high-water mark of host memory over the whole run (Linux reports KiB): what
+    # training or generation at these shapes needed on this host, state and programs included.
     result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak host memory: {result['peak_host_memory_gb']:.2f} GiB")
+    print(f"peak host memory of the run: {result['peak_host_memory_gb']:.2f} GiB")
     print(json.dumps(result))
     if a.json:
         with open(a.json, "a") as f:

@@ -56,8 +56,11 @@ def test_aot_compile_reports_a_program_that_cannot_fit(tmp_path, monkeypatch, ca
 def test_benchmark_times_the_trainers_step(tmp_path):
     out = tmp_path / "bench.jsonl"
     result = load_script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",
-                                        "--steps", "1", "--new-tokens", "4", "--json", str(out), "--vs-hf"])
+                                        "--steps", "1", "--new-tokens", "4", "--json", str(out), "--vs-hf",
+                                        "--breakdown"])
     assert result["hf_train_step_s"] > 0 and result["hf_generate_s"] > 0
+    assert result["forward_s"] > 0 and result["update_s"] > 0 and "backward_over_forward" in result
+    assert result["train_peak_host_memory_gb"] > 0.1 and result["hf_train_peak_host_memory_gb"] > 0.1
     assert result["train_step_s"] > 0 and result["generate_s"] > 0 and result["train_tflops"] > 0
     assert result["attention"] == "auto" and result["peak_host_memory_gb"] > 0.1
     assert json.loads(out.read_text())["preset"] == "tiny"

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5gemma2_jax.nn.lora import flattens_tokens
 from t5gemma2_jax.sharding import constrain
 
 
@@ -35,5 +36,12 @@ class Embedder(nnx.Module):
     def decode(self, x: jax.Array) -> jax.Array:
         """Tied LM head: `[B, T, D] -> [B, T, V]` logits in the compute dtype."""
         table = self.table[...].astype(self.dtype)
-        logits = jnp.einsum("BTD,VD->BTV", x, table)
+        if flattens_tokens() and x.ndim == 3:
+            # One 2-D matmul over the flattened tokens (see `nn.lora.token_matmul`): XLA:CPU
+            # otherwise copies the [B, T, V] logits' gradient transposed to form the table's.
+            B, T, D = x.shape
+            logits = jax.lax.dot_general(x.reshape(B * T, D), table, (((1,), (1,)), ((), ())))
+            logits = logits.reshape(B, T, -1)
+        else:
+            logits = jnp.einsum("BTD,VD->BTV", x, table)
         return constrain(logits, ("batch", "length", "vocab"))

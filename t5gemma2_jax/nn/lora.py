@@ -19,14 +19,18 @@ forward pass (`nn.rng`), folded with the adapter's name.
 
 from __future__ import annotations
 
+import functools
+import math
 import zlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5gemma2_jax.nn.backends import target_platform
 from t5gemma2_jax.nn.quant import QuantizedKernel
 from t5gemma2_jax.nn.rng import current_dropout_key
+from t5gemma2_jax.sharding import sequence_axis
 
 class LoRA(nnx.Module):
     """A low-rank update `[*in] -> rank -> [*out]` of one kernel (see the module docstring)."""
@@ -62,6 +66,43 @@ class LoRA(nnx.Module):
         return jax.vmap(one)(a, b) if a.ndim == self.in_dims + 2 else one(a, b)
 
 
+@functools.lru_cache(maxsize=None)
+def _split_equation(equation: str) -> tuple[int, int] | None:
+    """(leading free axes of x, contracted axes) of `<lead><in>,<in><out>-><lead><out>`, else None."""
+    ins, out = equation.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    contracted = [c for c in a if c in b and c not in out]
+    n = len(a) - len(contracted)
+    if not contracted or a[n:] != "".join(contracted) or not b.startswith(a[n:]) or out != a[:n] + b[len(contracted):]:
+        return None
+    return n, len(contracted)
+
+
+def flattens_tokens() -> bool:
+    """Whether projections run over flattened tokens here (see `token_matmul`)."""
+    return target_platform() == "cpu" and sequence_axis() is None
+
+
+def token_matmul(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`einsum(equation, x, w)` for an equation `<lead><in>,<in><out>-><lead><out>` (x's leading axes
+    free, its trailing ones contracted with w's leading ones), as one 2-D matmul
+    `[tokens, in] @ [in, out]` when compiling for CPU and the sequence is not split over devices.
+
+    XLA:CPU lowers a dot that contracts several axes (the weight gradient of `BTD,DF->BTF`
+    contracts B and T) by copying a transposed operand first, a strided pass that cost the 270m
+    train step's backward about as much as its matmuls; over flattened tokens there is nothing to
+    transpose. Elsewhere (TPU, GPU, or a sequence split over `context`, where merging B and T
+    would not keep the split) the einsum is left as written."""
+    split = _split_equation(equation)
+    if split is None or split[0] < 2 or not flattens_tokens():
+        return jnp.einsum(equation, x, w)
+    lead, k = split
+    rows = x.shape[:lead]
+    inner = math.prod(x.shape[lead:])
+    y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1))
+    return y.reshape(*rows, *w.shape[k:])
+
+
 def kernel(module: nnx.Module, name: str) -> jax.Array:
     """The value of kernel `name` of `module`, dequantised when it is stored quantised."""
     w = getattr(module, name)
@@ -70,6 +111,6 @@ def kernel(module: nnx.Module, name: str) -> jax.Array:
 
 def project(module: nnx.Module, name: str, equation: str, x: jax.Array, dtype) -> jax.Array:
     """`einsum(equation, x, module.<name>)` plus the kernel's adapter when it has one."""
-    y = jnp.einsum(equation, x, kernel(module, name).astype(dtype))
+    y = token_matmul(equation, x, kernel(module, name).astype(dtype))
     lora = getattr(module, f"{name}_lora", None)
     return y if lora is None else y + lora(x, dtype).astype(y.dtype)

@@ -34,7 +34,7 @@ from t5gemma2_jax.train.config import ExperimentConfig
 from t5gemma2_jax.train.mesh import batch_sharding, check_batch, global_batch, make_mesh, sharding_rules
 from t5gemma2_jax.train.state import (ModelDef, TrainState, abstract_state, base_def, init_state, load_pretrained,
                                       make_optimizer, state_from_base, state_from_params)
-from t5gemma2_jax.train.step import CompiledSteps
+from t5gemma2_jax.train.step import CompiledParts, CompiledSteps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,13 @@ class Trainer:
         return CompiledSteps(self.model_def, self.tx, self.schedule, self.mesh, self.rules, self.abstract_state,
                              self.state_shardings, self.batch_shapes, z_loss=t.z_loss, microbatches=t.microbatches,
                              with_eval=(t.eval_every > 0 or t.evaluates_at_start) if with_eval is None else with_eval)
+
+    def compile_parts(self) -> CompiledParts:
+        """The train step's forward, forward + backward and optimizer update as three programs,
+        for timing them apart (`scripts/benchmark.py --breakdown`)."""
+        t = self.cfg.train
+        return CompiledParts(self.model_def, self.tx, self.mesh, self.rules, self.abstract_state,
+                             self.state_shardings, self.batch_shapes, z_loss=t.z_loss, microbatches=t.microbatches)
 
     def compile_decode(self, max_new_tokens: int | None = None):
         """Encode + init the cache + one decode step, batch and encoder length of the training data,

@@ -1,6 +1,9 @@
-"""Train-step pieces that need no compile: the frozen vision tower's structure, schedules."""
+"""Train-step pieces: the frozen vision tower's structure, schedules, the gradient of the mean
+loss, the donated state updated in place, and the step's parts as separate programs."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import numpy as np
@@ -10,7 +13,8 @@ from helpers import batch_for, small_config
 from t5gemma2_jax.train.config import OptimConfig
 from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
 from t5gemma2_jax.train.state import ModelDef, abstract_state, init_state, make_optimizer, make_schedule
-from t5gemma2_jax.train.step import loss_and_grads
+from t5gemma2_jax.train import Trainer
+from t5gemma2_jax.train.step import loss_and_grads, loss_sums
 
 
 def test_frozen_vision_tower_gets_no_gradient_and_no_optimizer_state():
@@ -50,3 +54,59 @@ def test_schedules_warm_up_then_decay(schedule):
         assert lr[4] == pytest.approx(0.1)
     if schedule == "rsqrt":
         assert lr[4] == pytest.approx(np.sqrt(10 / 100))
+
+
+def test_train_step_updates_the_donated_state_in_place():
+    """Every state buffer is donated and aliased to its output, and the compiled step keeps no copy
+    of the state (the non-finite guard decides before the update instead of selecting after it)."""
+    cfg = small_config()
+    trainer = Trainer.build(cfg)
+    steps = trainer.compile(with_eval=False)
+    hlo = steps.train.as_text()
+    leaves = jax.tree.leaves(trainer.abstract_state)
+    assert hlo.splitlines()[0].count("may-alias") == len(leaves)
+    assert not re.search(r"copy\(%state", hlo), "the compiled step copies part of the state"
+    state = trainer.init_state()
+    before = jax.tree.leaves(state)
+    new, metrics = steps.train(state, trainer.place_batch(batch_for(cfg)))
+    assert all(x.is_deleted() for x in before) and int(new["step"]) == 1 and int(metrics["nonfinite"]) == 0
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_gradients_are_those_of_the_mean_loss(microbatches):
+    """The loss is divided by the batch's weight before differentiation: the same gradients as
+    differentiating the mean of the summed token losses."""
+    cfg = small_config()
+    trainer = Trainer.build(cfg)
+    state, batch = trainer.init_state(), trainer.place_batch(batch_for(cfg))
+    md = trainer.model_def
+
+    def mean(params):
+        total, (_, count) = loss_sums(md, params, state["frozen"], batch)
+        return total / count
+
+    want_loss, want = jax.jit(jax.value_and_grad(mean))(state["params"])
+    loss, _, count, grads = jax.jit(lambda p: loss_and_grads(md, p, state["frozen"], batch,
+                                                             microbatches=microbatches))(state["params"])
+    assert float(count) == float(np.sum(batch["decoder_loss_weights"]))
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    for name in want:
+        np.testing.assert_allclose(grads[name], want[name], rtol=2e-4, atol=1e-7, err_msg=name)
+
+
+def test_compiled_parts_compose_to_the_train_step():
+    """`compile_parts` (what benchmark.py --breakdown times): gradient then update is the step."""
+    cfg = small_config()
+    trainer = Trainer.build(cfg)
+    batch = trainer.place_batch(batch_for(cfg))
+    parts = trainer.compile_parts()
+    state = trainer.init_state()
+    loss, grads = parts.gradient(state, batch)
+    np.testing.assert_allclose(float(parts.forward(state, batch)), float(loss), rtol=1e-5)
+    old = jax.tree.leaves(state)
+    by_parts = parts.update(state, grads, loss)
+    assert all(x.is_deleted() for x in old)
+    by_step, _ = trainer.compile(with_eval=False).train(trainer.init_state(), batch)
+    for name in by_step["params"]:
+        np.testing.assert_allclose(by_parts["params"][name], by_step["params"][name], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
