@@ -300,6 +300,19 @@ class T5Gemma2(nnx.Module):
     def decode_step(self, tokens: jax.Array, cache: dict, layers=None) -> tuple[jax.Array, dict]:
         """Feed one token per row (`[B]`) at position `cache['step']`; return logits `[B, V]`.
         `layers` (`decoder.stack.decode_layers()`) may be computed once outside a decoding loop."""
+        hidden, cache = self.decode_hidden(tokens, cache, layers)
+        return self.step_logits(hidden), cache
+
+    def step_logits(self, hidden: jax.Array) -> jax.Array:
+        """The head on `decode_hidden`'s output: logits `[B, V]` (soft-capped when configured)."""
+        logits = self.output_head.decode(hidden[:, None])[:, 0]
+        cap = self.config.decoder.final_logit_softcap
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def decode_hidden(self, tokens: jax.Array, cache: dict, layers=None) -> tuple[jax.Array, dict]:
+        """`decode_step` up to the head: the decoder's normed output `[B, D]` and the new cache."""
         t = cache["step"]
         B = tokens.shape[0]
         enc_seg = cache["encoder_segment_ids"]
@@ -325,11 +338,7 @@ class T5Gemma2(nnx.Module):
         ctx = LayerContext(rope=self.decoder.rope_tables(jnp.full((B, 1), t, jnp.int32)), masks=masks, slots=slots)
         y = self.decoder_input_embedder.encode(tokens[:, None])
         y, caches = self.decoder.stack.decode_step(y, ctx, cache["layers"], layers)
-        logits = self.output_head.decode(self.decoder.norm(y))[:, 0]
-        cap = self.config.decoder.final_logit_softcap
-        if cap is not None:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits, {**cache, "layers": caches, "pos": pos, "step": t + 1}
+        return self.decoder.norm(y)[:, 0], {**cache, "layers": caches, "pos": pos, "step": t + 1}
 
     @compile_on_first_use
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,

@@ -167,6 +167,55 @@ def test_benchmark_decode_reports_the_step_against_its_read_bound(tmp_path):
     assert json.loads(out.read_text())["preset"] == "tiny"
 
 
+@pytest.fixture
+def screened(monkeypatch):
+    """Greedy decoding through the bfloat16 screen of the head (`generation.head`) at any vocabulary."""
+    head = importlib.import_module("t5gemma2_jax.generation.head")
+    generate_module = importlib.import_module("t5gemma2_jax.generation.generate")
+    monkeypatch.setattr(head, "MIN_VOCAB", 1)
+    generate_module._compiled.cache_clear()
+    yield head
+    generate_module._compiled.cache_clear()
+
+
+def test_screened_head_chooses_the_full_heads_tokens(pair, screened, monkeypatch):
+    hf, model = pair
+    ids, mask, _, _ = text_inputs(1)
+    np.testing.assert_array_equal(np.asarray(tg.generate(model, ids, mask, max_new_tokens=N)),
+                                  _hf_generate(hf, ids, mask))
+    plain = _hf_generate(hf, ids, mask)
+    eos = int(plain[0, 1])
+    controls = dict(suppress_tokens=sorted({int(plain[1, 0]), int(plain[2, 2])} - {eos}), min_new_tokens=5,
+                    repetition_penalty=1.8)
+    ours = np.asarray(tg.generate(model, ids, mask, max_new_tokens=N, eos_id=eos, **controls))
+    np.testing.assert_array_equal(ours, _hf_generate(hf, ids, mask, eos_token_id=eos, pad_token_id=0, **controls))
+    # An error bound too wide to certify anything: every step falls back to the full head.
+    monkeypatch.setattr(screened, "_U", 1.0)
+    importlib.import_module("t5gemma2_jax.generation.generate")._compiled.cache_clear()
+    np.testing.assert_array_equal(np.asarray(tg.generate(model, ids, mask, max_new_tokens=N, eos_id=eos, **controls)),
+                                  ours)
+
+
+def test_screen_error_bound_holds_for_this_backend():
+    """The screen's bound assumes a bfloat16 dot accumulates in float32: its logits are within
+    (2u + u^2 + g(1 + u)^2) |x| max|w_v| of the exact ones (u = 2^-8, g = D 2^-24 / (1 - D 2^-24))."""
+    from t5gemma2_jax.generation.head import _U
+
+    rng = np.random.default_rng(0)
+    V, D = 50000, 640
+    table = jnp.asarray(rng.normal(size=(V, D)).astype(np.float32) * rng.uniform(0.001, 0.1, (V, 1)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(3, D)).astype(np.float32) * 30)
+    dims = (((1,), (1,)), ((), ()))
+    approx = jax.lax.dot_general(x.astype(jnp.bfloat16), table.astype(jnp.bfloat16), dims,
+                                 preferred_element_type=jnp.float32)
+    exact = np.asarray(x, np.float64) @ np.asarray(table, np.float64).T
+    g = D * 2.0 ** -24 / (1 - D * 2.0 ** -24)
+    S = np.linalg.norm(np.asarray(x), axis=1)[:, None] * np.linalg.norm(np.asarray(table), axis=1).max()
+    err = np.abs(np.asarray(approx, np.float64) - exact)
+    assert (err <= (2 * _U + _U ** 2 + g * (1 + _U) ** 2) * S).all()
+    assert err.max() > 1e-4 * S.max()           # the bfloat16 rounding is there to bound
+
+
 def test_beam_search(pair):
     hf, model = pair
     ids, mask, _, _ = text_inputs(1)

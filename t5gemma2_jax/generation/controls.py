@@ -30,6 +30,24 @@ class LogitControls:
         """Whether the loop must carry which tokens each row has produced."""
         return self.repetition_penalty != 1.0
 
+    @property
+    def lipschitz(self) -> float:
+        """How much the controls can stretch a difference of logits (the penalty's factor)."""
+        p = self.repetition_penalty
+        return max(p, 1.0 / p) if self.tracks_history else 1.0
+
+    def apply_at(self, logits: jax.Array, ids: jax.Array, t: jax.Array, seen: jax.Array | None) -> jax.Array:
+        """`apply` on `[B, k]` logits of the token ids `ids [B, k]` only (the same values)."""
+        if self.tracks_history:
+            p = jnp.float32(self.repetition_penalty)
+            penalised = jnp.where(logits > 0, logits / p, logits * p)
+            logits = jnp.where(jnp.take_along_axis(seen, ids, axis=1), penalised, logits)
+        if self.suppress:
+            logits = jnp.where(jnp.isin(ids, jnp.asarray(self.suppress, ids.dtype)), -jnp.inf, logits)
+        if self.min_new_tokens > 0:
+            logits = jnp.where((ids == self.eos_id) & (t < self.min_new_tokens), -jnp.inf, logits)
+        return logits
+
     def apply(self, logits: jax.Array, t: jax.Array, seen: jax.Array | None) -> jax.Array:
         """`[B, V]` logits for step `t` (0-based count of tokens generated so far); `seen [B, V]`
         marks the decoder ids so far (start token included), needed with a repetition penalty."""

@@ -3,7 +3,9 @@
 Per decoder layer the encoder keys/values are computed once (`Model.init_cache`); local layers keep
 a ring buffer of `sliding_window` self slots, global layers one slot per generated position. All
 shapes are static: the loop is a `lax.while_loop` that stops early once every row has emitted eos,
-and rows that finished early are padded with pad.
+and rows that finished early are padded with pad. Greedy decoding without scores of a float32
+model with a large vocabulary on CPU reads the head through a bfloat16 screen whose answer is
+certified or recomputed (`generation.head`): the same tokens at half the head's bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flax import nnx
 
 from t5gemma2_jax.generation.beam import beam_search
 from t5gemma2_jax.generation.controls import initial_seen, make_controls, mark_seen
+from t5gemma2_jax.generation.head import screen, screened_greedy
 from t5gemma2_jax.generation.loop import loop_layers
 from t5gemma2_jax.generation.sampling import greedy, process_logits
 
@@ -116,6 +119,7 @@ def _decode_loop(model, enc, enc_seg, rng, o):
     controls = o["controls"]
     seen = initial_seen(B, V, o["start_id"], controls)
     layers = loop_layers(model)
+    screened = screen(model) if o["method"] == "greedy" and not o["return_scores"] else None
     carry = (jnp.zeros((), jnp.int32), jnp.full((B,), o["start_id"], jnp.int32), jnp.zeros((B,), bool),
              cache, tokens, scores, rng, seen)
 
@@ -125,6 +129,12 @@ def _decode_loop(model, enc, enc_seg, rng, o):
 
     def body(c):
         t, last, done, cache, tokens, scores, rng, seen = c
+        if screened is not None:
+            hidden, cache = model.decode_hidden(last, cache, layers)
+            nxt = screened_greedy(model, hidden, screened, controls, t, seen)
+            nxt = jnp.where(done, o["pad_id"], nxt)
+            tokens = tokens.at[:, t].set(nxt)
+            return t + 1, nxt, done | (nxt == o["eos_id"]), cache, tokens, scores, rng, mark_seen(seen, nxt)
         logits, cache = model.decode_step(last, cache, layers)
         logits = controls.apply(logits.astype(jnp.float32), t, seen)
         if o["method"] == "greedy":
