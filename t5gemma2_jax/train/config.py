@@ -304,7 +304,10 @@ def _check_model(cfg: ExperimentConfig, m: T5Gemma2Config) -> None:
     if cfg.mesh.context > 1:
         _require(d.encoder_length % cfg.mesh.context == 0, "data.encoder_length",
                  f"{d.encoder_length} is not divisible by mesh.context={cfg.mesh.context}")
-        chunk, side = d.encoder_length // cfg.mesh.context, m.encoder.sliding_window // 2
+        from t5gemma2_jax.nn.masks import bidirectional_window
+
+        # The halo comes from the neighbouring devices only (`nn/backends/context`).
+        chunk, side = d.encoder_length // cfg.mesh.context, max(bidirectional_window(m.encoder.sliding_window))
         _require(chunk >= side, "mesh.context",
                  f"{cfg.mesh.context} leaves {chunk} encoder positions per device, fewer than half the "
                  f"sliding window ({side}): local layers read keys from the neighbouring devices only")
