@@ -32,29 +32,48 @@ log = logging.getLogger(__name__)
 
 
 class Divergence:
-    """Counts the steps the train step refused (non-finite), reading each step's flag one step
-    late so that the host never waits for the step it has just dispatched."""
+    """Counts the steps the train step refused (non-finite loss or gradient) and notices a step that
+    was applied but left the parameters non-finite (their norm overflows float32, as a runaway
+    learning rate makes it). Each step's flags are read one step late, so that the host never waits
+    for the step it has just dispatched; `flush` reads them at once before a checkpoint.
 
-    def __init__(self, limit: int, total: int = 0):
-        self.limit, self.total, self.in_a_row, self.last_good = limit, total, 0, None
-        self._pending: tuple[int, jax.Array] | None = None
+    The train step decides from the loss and gradient before it writes the state in place (no copy
+    of the state to fall back to), so a step whose result is broken cannot be undone: the run stops
+    before that state is checkpointed or exported (`broken_at`)."""
 
-    def push(self, step: int, flag: jax.Array) -> None:
+    def __init__(self, limit: int, total: int = 0, start: int = 0):
+        self.limit, self.total, self.in_a_row, self.last_good = limit, total, 0, start or None
+        self.broken_at: int | None = None
+        self._pending: tuple[int, jax.Array, jax.Array] | None = None
+
+    def push(self, step: int, flag: jax.Array, param_norm: jax.Array) -> None:
         self.flush()
-        self._pending = (step, flag)
+        self._pending = (step, flag, param_norm)
 
     def flush(self) -> None:
         if self._pending is not None:
-            step, flag = self._pending
+            step, flag, param_norm = self._pending
             self._pending = None
-            bad = bool(jax.device_get(flag))
+            flag, param_norm = jax.device_get((flag, param_norm))
+            bad = bool(flag)
             self.total += bad
             self.in_a_row = self.in_a_row + 1 if bad else 0
-            self.last_good = self.last_good if bad else step
+            if not bad and not np.isfinite(param_norm) and self.broken_at is None:
+                self.broken_at = step
+            if not bad and self.broken_at is None:
+                self.last_good = step
 
     @property
     def diverged(self) -> bool:
-        return self.in_a_row >= self.limit
+        return self.in_a_row >= self.limit or self.broken_at is not None
+
+    def describe(self) -> str:
+        if self.broken_at is not None:
+            return (f"step {self.broken_at} left the parameters non-finite (their norm overflows float32) "
+                    f"and cannot be undone; stopping before that state is saved, with the checkpoints as "
+                    f"they are (last good step: {self.last_good})")
+        return (f"{self.in_a_row} steps in a row had a non-finite loss or gradient and were not applied "
+                f"(last applied: step {self.last_good}); stopping with the checkpoints as they are")
 
 
 def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, devices=None) -> dict:
@@ -142,7 +161,7 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": trainer.model_config.to_dict()}
     if not trainer.saves_base:     # on resume, the ones `_restore` has just verified the base against
         meta["base_checksums"] = meta_in.get("base_checksums") or checksums(state["frozen"])
-    divergence = Divergence(t.max_nonfinite_steps, meta_in.get("nonfinite_steps", 0))
+    divergence = Divergence(t.max_nonfinite_steps, meta_in.get("nonfinite_steps", 0), start)
 
     progress = Progress(t.steps, start, enabled=t.progress_bar and pidx == 0)
     held_out = HeldOut(cfg, trainer.model_config) if t.eval_generate_every else None
@@ -171,7 +190,7 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     with PreemptionGuard() as guard:
         for step in range(start + 1, t.steps + 1):
             state, m = steps.train(state, trainer.place_batch(next(data)))
-            divergence.push(step, m["nonfinite"])
+            divergence.push(step, m["nonfinite"], m["param_norm"])
             pending.append(m)
             is_log = step % t.log_every == 0 or step == t.steps or step == start + 1
             if is_log:
@@ -190,15 +209,15 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
             if t.eval_generate_every and step % t.eval_generate_every == 0:
                 run_generation_eval(step)
             summary["step"] = step
+            stop = guard.should_stop(ckpt, step, sync=is_log)
+            save = step % t.checkpoint_every == 0 or step == t.steps or stop or (eval_metrics and t.keep_best)
+            if save:
+                divergence.flush()        # the state about to be saved is known to be good
             if divergence.diverged:
                 summary["diverged"] = True
-                log.error("%d steps in a row had a non-finite loss or gradient and were not applied (last "
-                          "applied: step %s); stopping with the checkpoints as they are", divergence.in_a_row,
-                          divergence.last_good)
+                log.error("%s", divergence.describe())
                 break
-            stop = guard.should_stop(ckpt, step, sync=is_log)
-            if step % t.checkpoint_every == 0 or step == t.steps or stop or (eval_metrics and t.keep_best):
-                divergence.flush()
+            if save:
                 ckpt.save(step, trainer.checkpointed(state), data.get_state(),
                           {**meta, "step": step, "nonfinite_steps": divergence.total},
                           force=True, metrics={"eval_loss": eval_metrics["eval_loss"]} if eval_metrics else None)
@@ -210,6 +229,7 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     writer.close()
     save_loss_plot(workdir, enabled=pidx == 0)
     summary.update(nonfinite_steps=divergence.total, last_applied_step=divergence.last_good,
+                   broken_at_step=divergence.broken_at,
                    data_stats=data.stats())
     if hasattr(data, "skip_summary"):
         summary["skip_summary"] = data.skip_summary()

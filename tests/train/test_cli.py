@@ -139,6 +139,10 @@ def test_closing_summary(script):
                                        "last_checkpoint": 2, "stopped_by": "divergence", "nonfinite_steps": 3,
                                        "last_applied_step": None})
     assert "error: stopped: the loss or gradient was not finite for 3 steps" in diverged
+    broken = script.closing_summary({"start_step": 2, "step": 4, "wall_time_s": 1.0, "checkpoints": "/c",
+                                     "last_checkpoint": 2, "stopped_by": "divergence", "nonfinite_steps": 1,
+                                     "last_applied_step": 2, "broken_at_step": 3})
+    assert "error: stopped: step 3 left the parameters non-finite (not saved; last good step 2)" in broken
     assert script.closing_summary({"start_step": 6, "step": 6, "preempted": False}) == \
         "already complete at step 6; nothing to do"
 

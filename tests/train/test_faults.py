@@ -44,23 +44,56 @@ def _all_finite(workdir, cfg) -> bool:
     return ok
 
 
-def test_divergence_stops_the_run_and_keeps_finite_checkpoints_then_resumes(tmp_path):
-    bad = small_config(optim={"learning_rate": 1e30, "clip_norm": 0.0, "warmup_steps": 0, "schedule": "constant"},
-                       train={"steps": 8, "checkpoint_every": 2, "keep_checkpoints": 3, "max_nonfinite_steps": 3,
+class NaNWeightsAt(SyntheticBatches):
+    """Synthetic batches whose loss weights are NaN at the given (1-based) batches: a non-finite loss
+    and gradient at known steps, as bad data makes them."""
+
+    def __init__(self, *a, bad: set[int], **kw):
+        super().__init__(*a, **kw)
+        self.bad = bad
+
+    def __next__(self):
+        batch = super().__next__()
+        if self.index in self.bad:
+            batch["decoder_loss_weights"] = np.full_like(batch["decoder_loss_weights"], np.nan)
+        return batch
+
+
+def test_nonfinite_steps_are_not_applied_and_stop_the_run_then_it_resumes(tmp_path):
+    cfg = small_config(train={"steps": 8, "checkpoint_every": 2, "keep_checkpoints": 3, "max_nonfinite_steps": 3,
                               "export_at_end": True})
-    s = _run(bad, tmp_path)
+    s = _run(cfg, tmp_path, NaNWeightsAt(cfg.data, cfg.model_config(), bad={1, 2, 3}))
     assert s["diverged"] and s["stopped_by"] == "divergence" and s["step"] == 3 and "export" not in s
-    assert s["nonfinite_steps"] == 3 and s["last_applied_step"] is None
+    assert s["nonfinite_steps"] == 3 and s["last_applied_step"] is None and s["broken_at_step"] is None
     rows = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [r["nonfinite_steps"] for r in rows] == [1, 2, 3]     # counted in metrics.jsonl at each step
     assert Checkpointer(tmp_path / "checkpoints", every=2).all_steps() == [2]
-    assert _all_finite(tmp_path, bad) and not (tmp_path / "export").exists()
-    # Resumed with a sane learning rate, the run trains on from the finite checkpoint.
+    assert _all_finite(tmp_path, cfg) and not (tmp_path / "export").exists()
+    # Resumed on good data, the run trains on from the finite checkpoint.
     good = small_config(train={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3})
     s = _run(good, tmp_path)
     # The count resumes with the checkpoint: steps 1 and 2 were not applied before it was written.
     assert s["start_step"] == 2 and s["step"] == 6 and not s["diverged"] and s["nonfinite_steps"] == 2
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path) if r.get("step", 0) > 2 and "loss" in r)
+
+
+def test_a_step_that_overflows_the_parameters_stops_the_run_before_it_is_saved(tmp_path):
+    """A runaway learning rate: finite loss and gradient, parameters whose norm overflows float32.
+    The state cannot be undone (it was updated in place), so the run stops before saving it."""
+    good = small_config(train={"steps": 2, "checkpoint_every": 2, "keep_checkpoints": 3})
+    _run(good, tmp_path)
+    bad = small_config(optim={"learning_rate": 1e30, "clip_norm": 0.0, "warmup_steps": 0, "schedule": "constant"},
+                       train={"steps": 8, "checkpoint_every": 2, "keep_checkpoints": 3, "export_at_end": True})
+    # Step 3's batch is bad (not applied); step 4 is applied and breaks the parameters. Its flags
+    # are read late, but before the checkpoint due at step 4.
+    s = _run(bad, tmp_path, NaNWeightsAt(bad.data, bad.model_config(), bad={3}))
+    assert s["diverged"] and s["stopped_by"] == "divergence" and s["broken_at_step"] == 4 and "export" not in s
+    assert s["step"] == 4 and s["last_applied_step"] == 2 and s["nonfinite_steps"] == 1
+    assert Checkpointer(tmp_path / "checkpoints", every=2).all_steps() == [2]
+    assert _all_finite(tmp_path, good) and not (tmp_path / "export").exists()
+    s = _run(small_config(train={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3}), tmp_path)
+    assert s["start_step"] == 2 and s["step"] == 6 and not s["diverged"]
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path) if r.get("step", 0) > 4 and "loss" in r)
 
 
 def _largest_file(directory: Path) -> Path:
