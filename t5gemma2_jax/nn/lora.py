@@ -91,16 +91,39 @@ def token_matmul(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
     XLA:CPU lowers a dot that contracts several axes (the weight gradient of `BTD,DF->BTF`
     contracts B and T) by copying a transposed operand first, a strided pass that cost the 270m
     train step's backward about as much as its matmuls; over flattened tokens there is nothing to
-    transpose. Elsewhere (TPU, GPU, or a sequence split over `context`, where merging B and T
-    would not keep the split) the einsum is left as written."""
+    transpose. The backward keeps `x` itself, not its flattened copy, so projections of one input
+    (q, k and v; gate and up; k and v of the encoder states in every decoder layer) share one
+    saved activation, and a scanned stack does not stack a copy of a loop-invariant input per
+    layer. Elsewhere (TPU, GPU, or a sequence split over `context`, where merging B and T would not
+    keep the split) the einsum is left as written."""
     split = _split_equation(equation)
     if split is None or split[0] < 2 or not flattens_tokens():
         return jnp.einsum(equation, x, w)
-    lead, k = split
-    rows = x.shape[:lead]
-    inner = math.prod(x.shape[lead:])
+    return _flat_matmul(x, w, split[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _flat_matmul(x: jax.Array, w: jax.Array, k: int) -> jax.Array:
+    """x `[*lead, *in]` @ w `[*in, *out]` (`k` = len(in)) as one 2-D matmul."""
+    inner = math.prod(w.shape[:k])
     y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1))
-    return y.reshape(*rows, *w.shape[k:])
+    return y.reshape(*x.shape[:x.ndim - k], *w.shape[k:])
+
+
+def _flat_matmul_fwd(x, w, k):
+    return _flat_matmul(x, w, k), (x, w)
+
+
+def _flat_matmul_bwd(k, res, ct):
+    x, w = res
+    inner = math.prod(w.shape[:k])
+    x2, w2, ct2 = x.reshape(-1, inner), w.reshape(inner, -1), ct.reshape(-1, w.size // inner)
+    dx = jax.lax.dot_general(ct2, w2, (((1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(x2, ct2, (((0,), (0,)), ((), ())))
+    return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+_flat_matmul.defvjp(_flat_matmul_fwd, _flat_matmul_bwd)
 
 
 def kernel(module: nnx.Module, name: str) -> jax.Array:
