@@ -109,14 +109,20 @@ def _words(x: jax.Array) -> jax.Array:
 
 def _fingerprint(x: jax.Array) -> jax.Array:
     """[sum of words, sum of words x (flat index + 1)] mod 2**32: any changed word changes the
-    first; a word moved, or two changes that cancel, the second."""
+    first; a word moved, or two changes that cancel, the second.
+
+    Both sums are one variadic reduction, so XLA computes the words and their indices inside it
+    and reads `x` once: as two `jnp.sum`s the words were materialised for the second one (a copy
+    of the array, and on CPU 18x slower, 0.46 s against 0.026 s for a 671 MB table)."""
     w = _words(x)
-    index = jnp.zeros(x.shape, jnp.uint32)
+    index = jnp.ones(x.shape, jnp.uint32)
     stride = 1
     for axis in reversed(range(x.ndim)):
         index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
         stride *= x.shape[axis]
-    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (index + 1), dtype=jnp.uint32)])
+    total, weighted = jax.lax.reduce((w, w * index), (jnp.uint32(0), jnp.uint32(0)),
+                                     lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
+    return jnp.stack([total, weighted])
 
 
 _fingerprints = jax.jit(lambda flat: {k: _fingerprint(x) for k, x in flat.items()})
@@ -229,7 +235,7 @@ class Checkpointer:
     restores; a checkpoint that does not is moved to `<directory>.quarantine/`, never deleted."""
 
     def __init__(self, directory: str | Path, *, every: int, keep: int = 3, keep_best: bool = False,
-                 async_save: bool = True):
+                 async_save: bool = True, write_gb: int = 2):
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         if keep_best:
             policies.append(ocp.checkpoint_managers.BestN(
@@ -243,7 +249,10 @@ class Checkpointer:
         # Handlers named up front, so that a fresh manager can read a checkpoint's metadata (the
         # layout check) before anything was saved or restored through it.
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "data": ProcessJsonHandler(),
+            # Orbax's default lets 96 GB be written at once, so a save buffered the whole state
+            # beside its own copy of it: a 270m-270m run (4.4 GB of state) peaked at 15.8 GB of
+            # host memory during an asynchronous save, 13.7 GB with 2 GB in flight.
+            "state": ocp.StandardCheckpointHandler(save_concurrent_gb=write_gb), "data": ProcessJsonHandler(),
             "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:

@@ -138,6 +138,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the last K checkpoints are kept ...
     keep_best: bool = False  # ... plus the one with the lowest eval loss
     async_checkpointing: bool = True
+    checkpoint_write_gb: int = 2  # host memory a save may hold in flight at once (Orbax's save_concurrent_gb)
     export_at_end: bool = True  # params-only export to WORKDIR/export (generate / save_hf)
     progress_bar: bool = True
     tensorboard: bool = True
@@ -149,7 +150,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "microbatches", "log_every", "eval_steps", "checkpoint_every",
-                     "keep_checkpoints", "max_nonfinite_steps"):
+                     "keep_checkpoints", "max_nonfinite_steps", "checkpoint_write_gb"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "seed", "eval_generate_every", "eval_generate_tokens"):
             _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")

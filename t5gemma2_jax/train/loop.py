@@ -84,7 +84,8 @@ def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, de
     t, pidx, pcount = cfg.train, jax.process_index(), jax.process_count()
     save_resolved_config(cfg, workdir)
     ckpt = Checkpointer(workdir / "checkpoints", every=t.checkpoint_every, keep=t.keep_checkpoints,
-                        keep_best=t.keep_best, async_save=t.async_checkpointing)
+                        keep_best=t.keep_best, async_save=t.async_checkpointing,
+                        write_gb=t.checkpoint_write_gb)
     data = batches if batches is not None else make_batches(cfg, trainer.model_config, "train", pidx, pcount)
     try:
         summary, state = _run(cfg, trainer, ckpt, data, eval_batches, workdir)
