@@ -248,7 +248,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     peak, peak_src = peak_flops_per_device(dev)
     if dev.platform == "cpu":
-        peak, peak_src = measured_cpu_peak(size=2048) * len(jax.local_devices()), "measured fp32 matmul (2048²)"
+        peak, peak_src = measured_cpu_peak() * len(jax.local_devices()), "measured fp32 matmul (2048²)"
     flops = step_flops(cfg, batch=B, encoder_length=S, decoder_length=T)
     train_flops = flops.train_per_step
     result = dict(preset=a.preset, batch=B, encoder_length=S, decoder_length=T, dtype=a.dtype,
