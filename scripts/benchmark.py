@@ -166,16 +166,11 @@ def bench_jax_generate(cfg, B, S, N, steps):
 
 
 def _hf_model(cfg, device: str = "cpu", dtype: str = "float32"):
-    """transformers' T5Gemma 2 of the same config with random weights, on `device` in `dtype`, with
-    PyTorch's scaled-dot-product attention (its fastest built-in kernel on GPU)."""
-    import torch
-    from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
-    from t5gemma2_jax.checkpoints.hf_config import config_to_hf
+    """transformers' T5Gemma 2 of the same config with random weights, with PyTorch's
+    scaled-dot-product attention (its fastest built-in kernel on GPU)."""
+    from t5gemma2_jax.checkpoints.hf_config import transformers_model
 
-    hf_cfg = T5Gemma2Config.from_dict(config_to_hf(cfg, "float32"))
-    torch.manual_seed(0)
-    model = T5Gemma2ForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa")
-    return model.to(device=device, dtype=getattr(torch, dtype))
+    return transformers_model(cfg, device=device, dtype=dtype, attn_implementation="sdpa")
 
 
 def _synced(fn, device: str):

@@ -4,7 +4,8 @@
     python scripts/benchmark_calls.py --preset 270m-270m --encoder-length 512 --decoder-length 128 --batch 2
 
 Random weights (text only). For each attention backend in `--backends` (default: the config's
-default), three ways to run `model(input_ids, decoder_input_ids)`, timed in the same process:
+default), three ways to run `model(input_ids, decoder_input_ids)`, timed in the same process
+(and with `--vs-hf`, transformers' eager PyTorch forward of the same config and shapes):
 
 - `plain`: the call as the README writes it (compiled on first use, then reused per shape);
 - `jit`: the user's own `jax.jit` over `nnx.split` state, the reference for compiled speed;
@@ -56,6 +57,23 @@ def _time(fn, reps: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def _hf_forward(cfg, ids: np.ndarray, dids: np.ndarray, reps: int) -> dict:
+    """transformers' eager forward (PyTorch, `sdpa` attention, no gradients) on the same shapes."""
+    import torch
+    from t5gemma2_jax.checkpoints.hf_config import transformers_model
+
+    hf = transformers_model(cfg, dtype=jnp.dtype(cfg.dtype).name).eval()
+    x, y = torch.tensor(ids, dtype=torch.long), torch.tensor(dids, dtype=torch.long)
+
+    def call():
+        with torch.no_grad():
+            return hf(input_ids=x, decoder_input_ids=y).logits
+
+    first, median = _time(call, reps)
+    del hf
+    return dict(first=first, median=median)
+
+
 def run(a, backend: str) -> list[dict]:
     cfg = tg.preset(a.preset, with_vision=False, dtype=a.dtype, attention_backend=backend)
     model = tg.T5Gemma2(cfg, rngs=nnx.Rngs(0))
@@ -70,6 +88,9 @@ def run(a, backend: str) -> list[dict]:
         if way in a.ways:
             first, median = _time(fn, a.reps)
             rows.append(dict(backend=backend, way=way, first=first, median=median))
+    if a.vs_hf:
+        rows.append(dict(backend="transformers", way="eager", **_hf_forward(cfg, np.asarray(ids), np.asarray(dids),
+                                                                           a.reps)))
     if "op-by-op" in a.ways:
         with op_by_op():
             first, median = _time(lambda: model(ids, dids).logits, a.reps)
@@ -87,6 +108,8 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=[tg.T5Gemma2Config.__dataclass_fields__["attention_backend"].default])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ways", nargs="+", default=["plain", "jit", "op-by-op"], choices=["plain", "jit", "op-by-op"])
+    p.add_argument("--vs-hf", action="store_true",
+                   help="also time transformers' eager forward (PyTorch, sdpa) on the same shapes")
     p.add_argument("--json")
     a = p.parse_args(argv)
     print(f"{a.preset}, batch {a.batch}, encoder {a.encoder_length}, decoder {a.decoder_length}, {a.dtype}, "
@@ -96,9 +119,12 @@ def main(argv=None):
         mine = run(a, backend)
         rows += mine
         jit = next((r["median"] for r in mine if r["way"] == "jit"), None)
+        plain = next((r["median"] for r in mine if r["way"] == "plain"), None)
         for r in mine:
             against = f" ({r['median'] / jit:5.2f} x jit)" if jit else ""
-            print(f"{backend:9s} {r['way']:8s}: first call {r['first']:8.3f} s, then {r['median'] * 1e3:9.1f} ms"
+            if r["backend"] == "transformers" and plain:
+                against += f" -> the plain call is {r['median'] / plain:.2f}x faster"
+            print(f"{r['backend']:12s} {r['way']:8s}: first call {r['first']:8.3f} s, then {r['median'] * 1e3:9.1f} ms"
                   + against, flush=True)
     if a.json:
         with open(a.json, "a") as f:

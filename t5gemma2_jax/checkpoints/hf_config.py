@@ -188,3 +188,17 @@ def config_to_hf(cfg: T5Gemma2Config, dtype: str) -> dict:
         "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id,
         "vocab_size": cfg.vocab_size, "dropout_rate": 0.0, "attention_dropout": 0.0,
     }
+
+
+def transformers_model(cfg: T5Gemma2Config, *, device: str = "cpu", dtype: str = "float32",
+                       attn_implementation: str = "sdpa", seed: int = 0):
+    """transformers' `T5Gemma2ForConditionalGeneration` of `cfg` with random weights (seeded), on
+    `device` in `dtype`: the same architecture and shapes, for timing the same work side by side
+    (`scripts/benchmark*.py`). Needs torch and transformers (the `test` extra)."""
+    import torch
+    from transformers import T5Gemma2Config as HFConfig, T5Gemma2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = T5Gemma2ForConditionalGeneration._from_config(HFConfig.from_dict(config_to_hf(cfg, "float32")),
+                                                          attn_implementation=attn_implementation)
+    return model.to(device=device, dtype=getattr(torch, dtype))
