@@ -66,6 +66,16 @@ def test_benchmark_times_the_trainers_step(tmp_path):
     assert json.loads(out.read_text())["preset"] == "tiny"
 
 
+def test_benchmark_calls_times_the_plain_call_beside_jit_and_transformers(tmp_path):
+    out = tmp_path / "calls.jsonl"
+    assert load_script("benchmark_calls").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "8",
+                                                "--reps", "1", "--ways", "plain", "jit", "--vs-hf",
+                                                "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["backend"], r["way"]) for r in rows] == [("auto", "plain"), ("auto", "jit"), ("transformers", "eager")]
+    assert all(r["median"] > 0 and r["first"] > 0 for r in rows)
+
+
 def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
     """scripts/gpu_check.sh has not run on a GPU here; on a CPU it says so in one line, exit 2."""
     import subprocess

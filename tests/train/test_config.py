@@ -62,6 +62,7 @@ def test_overrides_are_typed():
     ("data.kind=chat", "data.kind"),
     ("train.init_from=5", "train.init_from: expected str or NoneType, got 5"),
     ("lora.rank=-1", "lora.rank: must be >= 0, got -1"),
+    ("train.checkpoint_write_gb=0", "train.checkpoint_write_gb: must be >= 1, got 0"),
     ("lora.quantize_base=fp3", "lora.quantize_base: 'fp3' not in ('none', 'int8', 'nf4')"),
     ("lora.quantize_base=nf4", "lora.quantize_base: a quantised base needs adapters to train"),
     ("lora.rank=4 | lora.targets=[qq_proj]", "lora.targets: 'qq_proj' matches no projection; module names: ['q_proj'"),
