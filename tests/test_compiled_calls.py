@@ -124,6 +124,7 @@ def test_calls_with_tracers_run_the_traced_code(traces):
     assert shapes.logits.shape == (2, 4, 512) and len(traces) == 16
 
 
+@pytest.mark.slow
 def test_the_dropout_key_reaches_the_compiled_program(traces):
     model = tg.apply_lora(tg.T5Gemma2(_config(), rngs=nnx.Rngs(0)), rank=4, dropout=0.5)
     _perturb(model, 2)                                        # non-zero B: the adapters change the logits

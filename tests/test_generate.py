@@ -312,6 +312,7 @@ def test_controls_match_transformers_generate(pair, method, beams):
     assert (ours != np.asarray(tg.generate(model, ids, mask, **ours_kw))).any()
 
 
+@pytest.mark.slow
 def test_controls_in_sampling_and_streaming(pair):
     _, model = pair
     ids, mask, _, _ = text_inputs(4)

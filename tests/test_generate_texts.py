@@ -78,6 +78,7 @@ def test_stop_strings_cut_the_text(tok, model):
     assert cut_at_stop("a. b? c", ["?", "."]) == "a" and cut_at_stop("abc", ["", "x"]) == "abc"
 
 
+@pytest.mark.slow
 def test_batches_equal_one_by_one_with_one_program(tok, model, monkeypatch):
     cfg = model.config
     prompts = _prompts(tok, images=1, cfg=cfg)

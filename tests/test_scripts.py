@@ -53,6 +53,7 @@ def test_aot_compile_reports_a_program_that_cannot_fit(tmp_path, monkeypatch, ca
     assert json.loads(out.read_text())["fits"] is False
 
 
+@pytest.mark.slow
 def test_benchmark_times_the_trainers_step(tmp_path):
     out = tmp_path / "bench.jsonl"
     result = load_script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",

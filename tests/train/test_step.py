@@ -94,6 +94,7 @@ def test_gradients_are_those_of_the_mean_loss(microbatches):
         np.testing.assert_allclose(grads[name], want[name], rtol=2e-4, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.slow
 def test_compiled_parts_compose_to_the_train_step():
     """`compile_parts` (what benchmark.py --breakdown times): gradient then update is the step."""
     cfg = small_config()
