@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 import t5gemma2_jax as tg
+from t5gemma2_jax.checkpoints.hf_config import transformers_model
 from t5gemma2_jax.train import Trainer
 from t5gemma2_jax.train.config import from_dict
 from t5gemma2_jax.train.flops import measured_cpu_peak, peak_flops_per_device, step_flops
@@ -165,14 +166,6 @@ def bench_jax_generate(cfg, B, S, N, steps):
     return _time(lambda: np.asarray(tg.generate(model, ids, max_new_tokens=N, eos_id=-1)), steps)
 
 
-def _hf_model(cfg, device: str = "cpu", dtype: str = "float32"):
-    """transformers' T5Gemma 2 of the same config with random weights, with PyTorch's
-    scaled-dot-product attention (its fastest built-in kernel on GPU)."""
-    from t5gemma2_jax.checkpoints.hf_config import transformers_model
-
-    return transformers_model(cfg, device=device, dtype=dtype, attn_implementation="sdpa")
-
-
 def _synced(fn, device: str):
     import torch
 
@@ -186,7 +179,7 @@ def _synced(fn, device: str):
 def bench_hf_train(cfg, B, S, T, steps, device="cpu", dtype="float32"):
     import torch
 
-    model = _hf_model(cfg, device, dtype).train()
+    model = transformers_model(cfg, device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids, dec, tgt = (torch.as_tensor(x, dtype=torch.long, device=device) for x in _batch(cfg, B, S, T))
 
@@ -202,7 +195,7 @@ def bench_hf_train(cfg, B, S, T, steps, device="cpu", dtype="float32"):
 def bench_hf_generate(cfg, B, S, N, steps, device="cpu", dtype="float32"):
     import torch
 
-    model = _hf_model(cfg, device, dtype).eval()
+    model = transformers_model(cfg, device=device, dtype=dtype).eval()
     ids = torch.as_tensor(_batch(cfg, B, S, 1)[0], dtype=torch.long, device=device)
 
     def run():

@@ -70,7 +70,6 @@ def _hf_forward(cfg, ids: np.ndarray, dids: np.ndarray, reps: int) -> dict:
             return hf(input_ids=x, decoder_input_ids=y).logits
 
     first, median = _time(call, reps)
-    del hf
     return dict(first=first, median=median)
 
 

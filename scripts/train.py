@@ -103,14 +103,15 @@ def closing_summary(s: dict) -> str:
                  + (f"; export: {s['export']}" if "export" in s else "")
                  + (f"; adapter (PEFT): {s['adapter']}" if "adapter" in s else ""))
     stopped = s.get("stopped_by")
-    if stopped == "divergence" and s.get("broken_at_step") is not None:
-        lines.append(f"error: stopped: step {s['broken_at_step']} left the parameters non-finite (not saved; "
-                     f"last good step {s.get('last_applied_step')}); lower optim.learning_rate or set "
-                     "optim.clip_norm, then rerun to resume from the latest checkpoint")
-    elif stopped == "divergence":
-        lines.append(f"error: stopped: the loss or gradient was not finite for {s.get('nonfinite_steps')} steps "
-                     f"(last applied step {s.get('last_applied_step')}); lower optim.learning_rate or set "
-                     "optim.clip_norm, then rerun to resume from the latest checkpoint")
+    if stopped == "divergence":
+        if s.get("broken_at_step") is not None:
+            why = (f"step {s['broken_at_step']} left the parameters non-finite (not saved; "
+                   f"last good step {s.get('last_applied_step')})")
+        else:
+            why = (f"the loss or gradient was not finite for {s.get('nonfinite_steps')} steps "
+                   f"(last applied step {s.get('last_applied_step')})")
+        lines.append(f"error: stopped: {why}; lower optim.learning_rate or set optim.clip_norm, then rerun "
+                     "to resume from the latest checkpoint")
     elif stopped is not None:
         lines.append(f"stopped at step {s['step']} on {stopped}; rerun the same command to resume")
     return "\n".join(lines)

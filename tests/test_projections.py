@@ -9,23 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxprs import dot_equations
 from t5gemma2_jax.nn.embed import Embedder
 from t5gemma2_jax.nn.lora import _split_equation, flattens_tokens, token_matmul
 from t5gemma2_jax.nn.mlp import geglu
-
-
-def _dots(jaxpr) -> list:
-    """The dot_general equations of `jaxpr` and the jaxprs nested in it."""
-    out = []
-    for e in jaxpr.eqns:
-        if e.primitive.name == "dot_general":
-            out.append(e)
-        for p in e.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out += _dots(inner)
-    return out
 
 
 def _normal(seed, shape, scale=1.0):
@@ -47,10 +34,10 @@ def test_token_matmul_equals_the_einsum_with_its_gradients(equation, x_shape, w_
     for got, want in zip(jax.grad(f(token_matmul), (0, 1))(x, w), jax.grad(f(jnp.einsum), (0, 1))(x, w)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # ... and it is one 2-D dot, nothing transposed around it.
-    dots = _dots(jax.make_jaxpr(lambda x, w: token_matmul(equation, x, w))(x, w).jaxpr)
+    dots = dot_equations(jax.make_jaxpr(lambda x, w: token_matmul(equation, x, w))(x, w).jaxpr)
     assert len(dots) == 1 and all(v.aval.ndim == 2 for v in dots[0].invars)
     # The backward's two dots are 2-D too.
-    dots = _dots(jax.make_jaxpr(jax.grad(f(token_matmul), (0, 1)))(x, w).jaxpr)
+    dots = dot_equations(jax.make_jaxpr(jax.grad(f(token_matmul), (0, 1)))(x, w).jaxpr)
     assert len(dots) == 3 and all(v.aval.ndim == 2 for d in dots for v in d.invars)
 
 

@@ -194,7 +194,8 @@ def transformers_model(cfg: T5Gemma2Config, *, device: str = "cpu", dtype: str =
                        attn_implementation: str = "sdpa", seed: int = 0):
     """transformers' `T5Gemma2ForConditionalGeneration` of `cfg` with random weights (seeded), on
     `device` in `dtype`: the same architecture and shapes, for timing the same work side by side
-    (`scripts/benchmark*.py`). Needs torch and transformers (the `test` extra)."""
+    (`scripts/benchmark*.py`); `sdpa` by default, PyTorch's fastest built-in attention, on GPU
+    too. Needs torch and transformers (the `test` extra)."""
     import torch
     from transformers import T5Gemma2Config as HFConfig, T5Gemma2ForConditionalGeneration
 

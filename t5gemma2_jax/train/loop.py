@@ -58,10 +58,11 @@ class Divergence:
             bad = bool(flag)
             self.total += bad
             self.in_a_row = self.in_a_row + 1 if bad else 0
-            if not bad and not np.isfinite(param_norm) and self.broken_at is None:
-                self.broken_at = step
             if not bad and self.broken_at is None:
-                self.last_good = step
+                if np.isfinite(param_norm):
+                    self.last_good = step
+                else:
+                    self.broken_at = step
 
     @property
     def diverged(self) -> bool:

@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 
 from hf_vision_utils import fill_random, tiny_vision_config
+from jaxprs import dot_equations
 from t5gemma2_jax.vision import TRAINABLE, VISION_PARAMS, VisionEncoder
 
 
@@ -79,26 +80,13 @@ def test_optimizer_has_no_state_for_the_tower_and_step_leaves_it_unchanged():
             assert not np.array_equal(after[p], before[p]), p  # every trainable param moved
 
 
-def _count_dots(jaxpr) -> int:
-    """dot_general equations, recursing into scan/checkpoint/jit sub-jaxprs."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "dot_general"
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else [v]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += _count_dots(inner)
-    return n
-
-
 def test_no_backward_pass_through_the_frozen_tower():
     model = _model()
     px, y = jnp.zeros((2, 3, 32, 32)), jnp.zeros((2, 3))
 
     def count(fn) -> int:
         graphdef, state = nnx.split(model)
-        return _count_dots(jax.make_jaxpr(lambda s: fn(nnx.merge(graphdef, s)))(state).jaxpr)
+        return len(dot_equations(jax.make_jaxpr(lambda s: fn(nnx.merge(graphdef, s)))(state).jaxpr))
 
     forward = count(lambda m: _loss(m, px, y))
     frozen = count(lambda m: nnx.grad(_loss, argnums=nnx.DiffState(0, TRAINABLE))(m, px, y))
