@@ -15,6 +15,11 @@ initialised. See docs/adaptation.md.
 
 from __future__ import annotations
 
+import hugepages  # first, so that a restart comes before the heavy imports
+
+if __name__ == "__main__":
+    hugepages.restart_with_huge_pages()
+
 import argparse
 import json
 import os

@@ -15,20 +15,26 @@ TFLOP/s use the analytic count of `t5gemma2_jax.train.flops`; MFU divides by the
 peak (a table for TPU/GPU, a measured fp32 matmul on CPU). Each part reports the peak host
 memory it reached (the process's high-water mark, reset before each part where Linux allows).
 
-`--hugepages` (Linux, glibc) re-runs the script with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`:
-XLA:CPU allocates each program's temporary buffers afresh per call, and with 4 KiB pages the kernel
-faults in every page of them each step (at 270m-270m about 4.7 GiB a step); transparent huge
-pages fault 2 MiB at a time. Both frameworks run in the one process, so both get the allocator.
+Like every script of the project, it runs under glibc's transparent-huge-page tunable
+(`scripts/hugepages.py`: XLA:CPU's per-call temporaries fault in 2 MiB pages instead of 4 KiB
+ones); `--no-hugepages` re-runs it with the kernel's default pages, for a side-by-side figure.
+Both frameworks run in the one process, so both get the same allocator.
 """
 
 from __future__ import annotations
+
+import sys
+
+import hugepages  # first, so that a restart comes before the heavy imports
+
+if __name__ == "__main__":
+    hugepages.restart_with_huge_pages(on="--no-hugepages" not in sys.argv)
 
 import argparse
 import json
 import os
 import platform
 import resource
-import sys
 import time
 
 import jax
@@ -48,19 +54,6 @@ def _batch(cfg, B, S, T, seed=0):
     targets = rng.integers(10, cfg.vocab_size, (B, T)).astype(np.int32)
     dec = np.concatenate([np.full((B, 1), cfg.bos_token_id, np.int32), targets[:, :-1]], axis=1)
     return ids, dec, targets
-
-
-HUGEPAGES = "glibc.malloc.hugetlb=1"
-
-
-def _with_hugepages(argv) -> None:
-    """Re-exec this script with glibc's transparent-huge-page tunable set (Linux/glibc only)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or HUGEPAGES in os.environ.get(
-            "GLIBC_TUNABLES", ""):
-        return
-    tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t)
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv],
-              {**os.environ, "GLIBC_TUNABLES": tunables})
 
 
 def _reset_peak_memory() -> bool:
@@ -218,8 +211,8 @@ def main(argv=None):
     p.add_argument("--no-scan", action="store_true", help="run every layer unscanned (model.scan_layers=false)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the train step's parts: forward + loss, backward, optimizer update")
-    p.add_argument("--hugepages", action="store_true",
-                   help="re-run with glibc's transparent-huge-page tunable (see the module docstring)")
+    p.add_argument("--no-hugepages", action="store_true",
+                   help="re-run with the kernel's default 4 KiB pages (see the module docstring)")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--what", default="train,generate")
@@ -227,8 +220,6 @@ def main(argv=None):
     p.add_argument("--hf-device", default="cpu", help="torch device for --vs-hf (e.g. cuda); dtype as --dtype")
     p.add_argument("--json", help="append the results as one JSON line to this file")
     a = p.parse_args(argv)
-    if a.hugepages and argv is None:
-        _with_hugepages(sys.argv[1:])
 
     cfg = tg.preset(a.preset, with_vision=False, dtype=a.dtype, param_dtype="float32",
                     attention_backend=a.attention, remat=a.remat, scan_layers=not a.no_scan)

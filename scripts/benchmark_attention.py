@@ -20,6 +20,11 @@ of `--preset`, and prints where blockwise starts to win: the data behind
 
 from __future__ import annotations
 
+import hugepages  # first, so that a restart comes before the heavy imports
+
+if __name__ == "__main__":
+    hugepages.restart_with_huge_pages()
+
 import sys
 
 import argparse

@@ -16,6 +16,11 @@ Each: the first call (compilation included) and the median of `--reps` calls aft
 
 from __future__ import annotations
 
+import hugepages  # first, so that a restart comes before the heavy imports
+
+if __name__ == "__main__":
+    hugepages.restart_with_huge_pages()
+
 import argparse
 import contextlib
 import json

@@ -19,6 +19,11 @@ resumes or, when the run is complete, goes straight to generation.
 
 from __future__ import annotations
 
+import hugepages  # first, so that a restart comes before the heavy imports
+
+if __name__ == "__main__":
+    hugepages.restart_with_huge_pages()
+
 import sys
 
 import argparse

@@ -17,6 +17,11 @@ directory, a LoRA run. The results are printed as JSON and written to --out.
 
 from __future__ import annotations
 
+import hugepages  # first, so that a restart comes before the heavy imports
+
+if __name__ == "__main__":
+    hugepages.restart_with_huge_pages()
+
 import argparse
 import json
 import sys

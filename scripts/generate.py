@@ -21,6 +21,11 @@ Greedy and sampling stream token by token; beam search prints the best beam at t
 
 from __future__ import annotations
 
+import hugepages  # first, so that a restart comes before the heavy imports
+
+if __name__ == "__main__":
+    hugepages.restart_with_huge_pages()
+
 import argparse
 import sys
 

@@ -19,6 +19,11 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8).
 
 from __future__ import annotations
 
+import hugepages  # first, so that a restart comes before the heavy imports
+
+if __name__ == "__main__":
+    hugepages.restart_with_huge_pages()
+
 import argparse
 import logging
 import sys
