@@ -15,7 +15,7 @@ TFLOP/s use the analytic count of `t5gemma2_jax.train.flops`; MFU divides by the
 peak (a table for TPU/GPU, a measured fp32 matmul on CPU). Each part reports the peak host
 memory it reached (the process's high-water mark, reset before each part where Linux allows).
 
-Like every script of the project, it runs under glibc's transparent-huge-page tunable
+Like the other scripts that run a model, it runs under glibc's transparent-huge-page tunable
 (`scripts/hugepages.py`: XLA:CPU's per-call temporaries fault in 2 MiB pages instead of 4 KiB
 ones); `--no-hugepages` re-runs it with the kernel's default pages, for a side-by-side figure.
 Both frameworks run in the one process, so both get the same allocator.
