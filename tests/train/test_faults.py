@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -202,22 +203,22 @@ def _tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def _state_mib(cfg) -> float:
-    from t5gemma2_jax.train.checkpoint import state_bytes
-
-    return state_bytes(Trainer.build(cfg).abstract_state) / 2**20
-
-
 def test_a_full_checkpoint_directory_fails_fast_and_keeps_the_earlier_checkpoint(tmp_path):
-    cfg = _cfg(steps=6)
-    size = f"{int(2.5 * _state_mib(cfg) * 1024)}k"      # room for one checkpoint, not two
+    # The disk fills between two checkpoints: checkpoint 2 is written, then a ballast file leaves
+    # less room than checkpoint 4 needs (a tmpfs sized to hold "one checkpoint, not two" was at the
+    # mercy of how many data files the writer happened to split the first one into).
     work = tmp_path / "run"
-    with _tmpfs(work / "checkpoints", size):
+    with _tmpfs(work / "checkpoints", "64m") as ckpts:
+        _run(_cfg(steps=2), work)
+        free = shutil.disk_usage(ckpts).free
+        room = 2 * 2**20                                        # below the ~3.5 MiB checkpoint 4 needs
+        (ckpts / "ballast").write_bytes(b"\0" * (free - room))
         tic = time.time()
         with pytest.raises(CheckpointIOError, match=r"checkpoint 4: .* MiB free, the checkpoint needs .*"
                                                      r"complete checkpoints: \[2\]"):
-            _run(cfg, work)
+            _run(_cfg(steps=6), work)
         assert time.time() - tic < 60                           # compile included; the save fails at once
+        (ckpts / "ballast").unlink()
         s = _run(small_config(train={"steps": 2, "checkpoint_every": 2}), work)
         assert s == {"start_step": 2, "step": 2, "preempted": False}   # checkpoint 2 restores
 
