@@ -35,23 +35,15 @@ def _glibc_reads_it() -> bool:
     return libc == "glibc" and (major, minor) >= (2, 35)
 
 
-def _setting(environ) -> str | None:
-    """The `glibc.malloc.hugetlb` value in `GLIBC_TUNABLES`, or None."""
-    for item in environ.get("GLIBC_TUNABLES", "").split(":"):
-        name, _, value = item.partition("=")
-        if name == TUNABLE:
-            return value
-    return None
-
-
 def environment(on: bool = True, environ=os.environ) -> dict[str, str] | None:
     """The environment to restart with: `environ` with the tunable set to 1 (`on`, unless a
     value is there already: the user's choice stands) or to 0 (`on=False`, replacing any value),
     the other tunables kept; None where nothing would change or glibc would not read it."""
-    current = _setting(environ)
+    items = [t.partition("=") for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    current = next((value for name, _, value in items if name == TUNABLE), None)
     if not _glibc_reads_it() or (current is not None if on else current == "0"):
         return None
-    kept = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t and t.partition("=")[0] != TUNABLE]
+    kept = ["".join(item) for item in items if item[0] != TUNABLE]
     return {**environ, "GLIBC_TUNABLES": ":".join(kept + [f"{TUNABLE}={int(on)}"])}
 
 
