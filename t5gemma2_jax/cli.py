@@ -2,12 +2,14 @@
 
 Errors that describe bad input (a config, a machine that does not fit it, a checkpoint or data
 file that is missing or malformed, a checkpoint directory that cannot be written) are printed as
-`error: ...` on one line, without a traceback; anything else is a bug and keeps its traceback.
+`error: ...` on one line, without a traceback; anything else is a bug and keeps its traceback (its frames cleared of their locals, see `run`).
 """
 
 from __future__ import annotations
 
+import gc
 import sys
+import traceback
 from typing import Callable
 
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
@@ -33,4 +35,12 @@ def run(main: Callable[[], object]) -> int:
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return USAGE
+    except BaseException as e:
+        # A traceback that reaches the interpreter keeps every frame's locals alive until exit: the
+        # batches a data worker handed over in shared memory, the train state. Grain's and
+        # multiprocessing's exit handlers then report them as leaks after the error. Free them now;
+        # the traceback prints the same without them.
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
+        raise
     return status if isinstance(status, int) and not isinstance(status, bool) else 0

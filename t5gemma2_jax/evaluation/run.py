@@ -54,6 +54,10 @@ def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None 
     kind = record_kind(data)
     cfg = _data_config(run.data if run is not None else DataConfig(), model.config, data, kind, options, tok)
     mesh, rules = default_mesh()
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if kind != "choice" and cfg.batch_size % shards:
+        raise ConfigError(f"batch size {cfg.batch_size} (--batch-size, else the run's data.batch_size): the loss "
+                          f"batches are split over {shards} devices, so it must be a multiple of {shards}")
     placed = place(model, mesh, rules)
     results: dict = {"checkpoint": str(checkpoint), "source": src.kind, "step": src.step, "data": data, "kind": kind}
     rows: list[dict] = []

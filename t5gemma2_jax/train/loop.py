@@ -255,12 +255,16 @@ def _log_row(rows: list[dict], data_stats: dict, nonfinite_total: int, dt: float
 def evaluate(steps: CompiledSteps, state, trainer: Trainer, batches, max_batches: int) -> dict:
     """Mean eval cross-entropy over at most `max_batches` batches (weighted by token count)."""
     sums = []
-    for i, b in enumerate(batches):
-        if i >= max_batches:
-            break
-        sums.append(steps.eval(state, trainer.place_batch(b)))
-    if hasattr(batches, "close"):
-        batches.close()
+    try:
+        for i, b in enumerate(batches):
+            if i >= max_batches:
+                break
+            sums.append(steps.eval(state, trainer.place_batch(b)))
+    finally:
+        # Also when a step fails: an eval pipeline left open keeps its worker processes until the
+        # interpreter's exit tears them down mid-batch, which prints tracebacks of its own.
+        if hasattr(batches, "close"):
+            batches.close()
     sums = jax.device_get(sums)
     loss = sum(float(s["loss_sum"]) for s in sums)
     tokens = sum(float(s["tokens"]) for s in sums)

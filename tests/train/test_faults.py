@@ -311,3 +311,70 @@ def test_poison_records_are_counted_skips_in_the_metrics(tmp_path):
     last = rows[-1]
     assert last["skipped/corrupt_image"] == 2 and last["skipped/malformed_json"] == 1, last
     assert s["data_stats"]["records_seen"] == last["records_seen"]
+
+
+class _Closing(SyntheticBatches):
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_failing_eval_step_closes_its_batches(tmp_path, monkeypatch):
+    """The eval batches are closed when a step over them fails (a pipeline left open keeps its
+    worker processes until the interpreter's exit tears them down)."""
+    def broken(self, batch):
+        raise RuntimeError("the eval step broke")
+
+    cfg = _cfg(eval_at_start=True, eval_every=2)
+    monkeypatch.setattr(Trainer, "place_batch", broken)      # the first batch placed is the step-0 eval's
+    eval_batches = _Closing(cfg.data, cfg.model_config(), split="eval")
+    with pytest.raises(RuntimeError, match="the eval step broke"):
+        train(cfg, tmp_path, batches=SyntheticBatches(cfg.data, cfg.model_config()), eval_batches=lambda: eval_batches)
+    assert eval_batches.closed
+
+
+_FAILING_EVAL = """
+import sys
+from t5gemma2_jax.train import step
+
+def broken(state, batch):
+    raise RuntimeError("injected eval fault")
+
+build = step.CompiledSteps.__init__
+def patched(self, *a, **kw):
+    build(self, *a, **kw)
+    self.eval = broken
+step.CompiledSteps.__init__ = patched
+
+if __name__ == "__main__":          # Grain's worker processes import this module too
+    from t5gemma2_jax import cli
+    from t5gemma2_jax.train import load_config, train
+    cfg = load_config(sys.argv[1], sys.argv[3:])
+    sys.exit(cli.run(lambda: train(cfg, sys.argv[2])))
+"""
+
+
+def test_a_run_whose_eval_fails_with_data_workers_prints_one_traceback(tmp_path):
+    """Data from files through Grain worker processes, an eval step that raises at step 0: exit 1
+    with the one traceback of the error, none from the workers or the pipeline's teardown."""
+    from t5gemma2_jax.data.tiny_tokenizer import tiny_tokenizer_path
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(f'{{"text": "The river {i} flows slowly through the town, and the weather is sunny."}}\n'
+                            for i in range(200)))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_FAILING_EVAL)
+    overrides = ["model.encoder.num_layers=2", "model.decoder.num_layers=2",
+                 "model.encoder.layer_types=[sliding_attention,full_attention]",
+                 "model.decoder.layer_types=[sliding_attention,full_attention]",
+                 "data.max_images_per_row=0", "data.encoder_length=64", "data.decoder_length=32",
+                 "data.batch_size=2", f"data.train={data}", f"data.eval={data}", f"data.tokenizer={tiny_tokenizer_path()}",
+                 "data.num_workers=2", "train.steps=2", "train.eval_at_start=true", "train.progress_bar=false"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, str(driver), str(ROOT / "configs" / "tiny.yaml"), str(tmp_path / "run"),
+                           *overrides], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("Traceback") == 1, proc.stderr[-5000:]
+    assert proc.stderr.rstrip().endswith("RuntimeError: injected eval fault"), proc.stderr[-3000:]

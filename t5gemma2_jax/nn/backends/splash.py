@@ -56,7 +56,6 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(shape: tuple[int, int], kind: str, window, n_self: int | None, groups: int, bq: int, bkv: int,
             interpret: bool, offset: int = 0):
     if kind == "merged":
@@ -67,6 +66,11 @@ def _kernel(shape: tuple[int, int], kind: str, window, n_self: int | None, group
         base = sm.CausalMask(shape)
     else:
         base = sm.FullMask(shape)
+    # Built anew in every trace, never cached here: the kernel holds its mask's block tables as
+    # arrays made by `jnp.array`, which inside a trace are that trace's values. A kernel kept
+    # across traces hands one program another's tracers (a leak in the plain call; extra,
+    # unaccounted inputs in an ahead-of-time compiled step). The costly part, turning the mask into
+    # block tables, is numpy work that splash caches by the mask's value.
     blocks = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                            block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
     return sk.make_splash_mqa(sm.MultiHeadMask([base] * groups), block_sizes=blocks, head_shards=1,
