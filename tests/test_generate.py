@@ -78,6 +78,39 @@ def test_cached_logits_equal_the_full_forward_at_every_step(pair):
     assert np.abs(scores - full).max() <= 1e-5
 
 
+@pytest.mark.slow
+def test_one_edit_to_the_layer_math_changes_training_and_decoding_alike(pair, monkeypatch):
+    """Training and cached decoding run the same layer code: an ablation that shifts the attention
+    sublayer's output, made once, moves both the forward logits and the generated scores, which
+    still equal each other step by step."""
+    import t5gemma2_jax.nn.attention as attention
+
+    def fresh(block_size):
+        """The pair's model under a structure of its own, so that its programs compile anew here
+        (compiled programs are cached by the model's structure)."""
+        other = tg.T5Gemma2(pair[1].config.replace(attention_block_size=block_size), rngs=nnx.Rngs(0))
+        nnx.update(other, nnx.state(pair[1]))
+        return other
+
+    model = fresh(256)
+    ids, mask, _, _ = text_inputs(2)
+    dec_in = lambda tokens: np.concatenate([np.full((ids.shape[0], 1), 2), tokens[:, :-1]], axis=1)  # noqa: E731
+    base_tokens, base_scores = map(np.asarray, tg.generate(model, ids, mask, max_new_tokens=N, return_scores=True))
+    base_full = np.asarray(model(ids, dec_in(base_tokens), mask).logits)
+    call = attention.Attention.__call__
+
+    def scaled(self, *args, **kwargs):
+        y, cache = call(self, *args, **kwargs)
+        return y + 0.1, cache
+
+    monkeypatch.setattr(attention.Attention, "__call__", scaled)
+    model = fresh(384)
+    tokens, scores = map(np.asarray, tg.generate(model, ids, mask, max_new_tokens=N, return_scores=True))
+    full = np.asarray(model(ids, dec_in(tokens), mask).logits)
+    assert np.abs(scores - full).max() <= 1e-5
+    assert np.abs(full - base_full).max() > 1e-2 and np.abs(scores - base_scores).max() > 1e-2
+
+
 def _loop_bodies(hlo: str, carried: set) -> dict[str, list[str]]:
     """The while-loop bodies of an HLO module whose loop state holds an array of a shape in
     `carried`: computation name -> its instruction lines."""

@@ -51,46 +51,46 @@ class Attention(nnx.Module):
         return k, v
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: MaskInfo,
-                 cross_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                 cross_kv: tuple[jax.Array, jax.Array] | None = None, *, cache: dict | None = None,
+                 slot: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """(output `[B, T, D]`, the cache with this call's keys written, or None without one).
+
+        Without a cache, the keys are `x`'s own, followed by `cross_kv` (merged attention): `mask`
+        describes `[T self keys | S encoder keys]`. With a cache (decoding a few new tokens `x`):
+        `cache['k'] [B, C, K, d]` and `cache['v'] [B, K, d, C]` (values stored transposed, the
+        layout the probabilities-times-values product reads without a copy) hold rotated self
+        keys/values; on local layers C = window and `slot` wraps around (a ring buffer).
+        `cache['ck'] [B, S, K, d]`, `cache['cv'] [B, K, d, S]` hold the encoder keys/values,
+        computed once. `mask` then describes `[C cached slots | t new keys | S encoder keys]`, the
+        slots about to be overwritten marked empty. The keys are attended part by part, so no part
+        is copied, and the cache is updated in place after it has been read.
+        """
         q = project(self, "q", "BTD,DHd->BTHd", x, self.dtype)
         q = constrain(checkpoint_name(self.q_norm(q), "query_proj"), _BTHD)
         q = apply_rope(q, sin, cos)
         k, v = self.project_kv(x)
         k = apply_rope(k, sin, cos)
-        if cross_kv is not None:
-            # [self | encoder] keys whole on every device: the decoder's few self keys are gathered
-            # when its positions are split (context parallelism), the encoder keys already are.
-            whole = lambda x: constrain(x, ("batch", "encoder_keys", "kv_heads", "head_dim"))  # noqa: E731
-            k = whole(jnp.concatenate([whole(k), cross_kv[0]], axis=1))
-            v = whole(jnp.concatenate([whole(v), cross_kv[1]], axis=1))
-        out = attend(q, k, v, mask, scale=self.scale, backend=self.backend, block_size=self.block_size)
+        if cache is None:
+            if cross_kv is not None:
+                # [self | encoder] keys whole on every device: the decoder's few self keys are
+                # gathered when its positions are split (context parallelism), the encoder keys
+                # already are.
+                whole = lambda x: constrain(x, ("batch", "encoder_keys", "kv_heads", "head_dim"))  # noqa: E731
+                k = whole(jnp.concatenate([whole(k), cross_kv[0]], axis=1))
+                v = whole(jnp.concatenate([whole(v), cross_kv[1]], axis=1))
+            out = attend(q, k, v, mask, scale=self.scale, backend=self.backend, block_size=self.block_size)
+        else:
+            k = k.astype(cache["k"].dtype)
+            v = jnp.transpose(v, (0, 2, 3, 1)).astype(cache["v"].dtype)                 # [B, K, d, t]
+            keys, values = [cache["k"], k], [cache["v"], v]
+            if "ck" in cache:       # merged attention: the encoder keys follow the self keys
+                keys.append(cache["ck"])
+                values.append(cache["cv"])
+            out = _attend_parts(q, keys, values, mask, self.scale)
         out = checkpoint_name(constrain(out, _BTHD), "attention_out")
-        y = project(self, "o", "BTHd,HdD->BTD", out, self.dtype)
-        return checkpoint_name(y, "out_proj")
-
-    def decode_step(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: MaskInfo, cache: dict,
-                    slot: jax.Array) -> tuple[jax.Array, dict]:
-        """Attention of new tokens `x [B, t, D]` against this layer's cache; then they are written to it.
-
-        `cache['k'] [B, C, K, d]` and `cache['v'] [B, K, d, C]` (values stored transposed, the
-        layout the probabilities-times-values product reads without a copy) hold rotated self
-        keys/values; on local layers C = window and `slot` wraps around (a ring buffer).
-        `cache['ck'] [B, S, K, d]`, `cache['cv'] [B, K, d, S]` hold the encoder keys/values,
-        computed once. `mask` describes `[C cached slots | t new keys | S encoder keys]`, the slots
-        about to be overwritten marked empty. The keys are attended part by part, so no part is
-        copied, and the cache is updated in place after it has been read.
-        """
-        q = project(self, "q", "BTD,DHd->BTHd", x, self.dtype)
-        q = apply_rope(self.q_norm(q), sin, cos)
-        k, v = self.project_kv(x)
-        k = apply_rope(k, sin, cos).astype(cache["k"].dtype)
-        v = jnp.transpose(v, (0, 2, 3, 1)).astype(cache["v"].dtype)                 # [B, K, d, t]
-        keys, values = [cache["k"], k], [cache["v"], v]
-        if "ck" in cache:           # merged attention: the encoder keys follow the self keys
-            keys.append(cache["ck"])
-            values.append(cache["cv"])
-        out = _attend_parts(q, keys, values, mask, self.scale)
-        y = project(self, "o", "BTHd,HdD->BTD", out, self.dtype)
+        y = checkpoint_name(project(self, "o", "BTHd,HdD->BTD", out, self.dtype), "out_proj")
+        if cache is None:
+            return y, None
         # XLA writes a buffer in place only where every read of it provably comes first: adding
         # zero times the output to the new entries makes the writes depend on the reads (no
         # value changes), else it copies each cache twice per step.

@@ -64,27 +64,37 @@ class Layer(nnx.Module):
         self.post_ffw_norm = RMSNorm(D, eps=eps, param_dtype=param_dtype)
 
     def _self_mask(self, ctx: LayerContext) -> MaskInfo:
-        if self.cross == "merged" or ctx.encoder_states is None:
+        """The main attention's mask: over `[self | encoder]` keys for merged layers, over the self
+        keys for the decoder's other layers (the encoder's context has only its own)."""
+        if self.cross == "merged" or ("self", self.layer_type) not in ctx.masks:
             return ctx.masks[self.layer_type]
         return ctx.masks[("self", self.layer_type)]
 
-    def __call__(self, x: jax.Array, ctx: LayerContext) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: LayerContext, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """(output, the cache with this call's keys written, or None without one). Training, scoring
+        and encoding run without a cache; cached decoding (`init_cache`) feeds a few new tokens
+        with one, through the same code."""
         x = checkpoint_name(constrain(x, ("batch", "length", "embed")), "layer_input")
         sin, cos = ctx.rope[self.layer_type]
-        cross_kv = self.attn.project_kv(ctx.encoder_states, "encoder_keys") if self.cross == "merged" else None
-        h = self.attn(self.pre_attn_norm(x), sin, cos, self._self_mask(ctx), cross_kv)
+        decoding = cache is not None
+        cross_kv = None
+        if self.cross == "merged" and not decoding:
+            cross_kv = self.attn.project_kv(ctx.encoder_states, "encoder_keys")
+        h, cache = self.attn(self.pre_attn_norm(x), sin, cos, self._self_mask(ctx), cross_kv, cache=cache,
+                             slot=ctx.slots[self.layer_type] if decoding else None)
         x = x + self.post_attn_norm(h)
         if self.cross == "separate":
-            ck, cv = self.cross_attn.project_kv(ctx.encoder_states, "encoder_keys")
+            ck, cv = ((cache["xk"], cache["xv"]) if decoding
+                      else self.cross_attn.project_kv(ctx.encoder_states, "encoder_keys"))
             h = self.cross_attn.attend_to(self.pre_cross_norm(x), ck, cv, ctx.masks["cross"])
             x = x + self.post_cross_norm(h)
         h = self.mlp(self.pre_ffw_norm(x))
-        return x + self.post_ffw_norm(h)
+        return x + self.post_ffw_norm(h), cache
 
     # ---- cached decoding -------------------------------------------------------------------
     def init_cache(self, encoder_states: jax.Array, size: int, dtype) -> dict:
         """Empty self slots (keys `[B, size, K, d]`, values `[B, K, d, size]`) and this layer's
-        encoder keys/values, computed once (see `Attention.decode_step` for the layouts)."""
+        encoder keys/values, computed once (see `Attention.__call__` for the layouts)."""
         B = encoder_states.shape[0]
         _, K, d = kernel(self.attn, "k").shape
         cache = {"k": jnp.zeros((B, size, K, d), dtype), "v": jnp.zeros((B, K, d, size), dtype)}
@@ -94,15 +104,3 @@ class Layer(nnx.Module):
         elif self.cross == "separate":
             cache["xk"], cache["xv"] = self.cross_attn.project_kv(encoder_states, "encoder_keys")
         return cache
-
-    def decode_step(self, x: jax.Array, ctx: LayerContext, cache: dict) -> tuple[jax.Array, dict]:
-        """The same layer for cached decoding (see `Attention.decode_step`)."""
-        sin, cos = ctx.rope[self.layer_type]
-        mask = ctx.masks[self.layer_type] if self.cross == "merged" else ctx.masks[("self", self.layer_type)]
-        h, cache = self.attn.decode_step(self.pre_attn_norm(x), sin, cos, mask, cache, ctx.slots[self.layer_type])
-        x = x + self.post_attn_norm(h)
-        if self.cross == "separate":
-            h = self.cross_attn.attend_to(self.pre_cross_norm(x), cache["xk"], cache["xv"], ctx.masks["cross"])
-            x = x + self.post_cross_norm(h)
-        h = self.mlp(self.pre_ffw_norm(x))
-        return x + self.post_ffw_norm(h), cache

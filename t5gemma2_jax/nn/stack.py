@@ -31,7 +31,7 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: LayerContext) -> jax.Array:
         for layer in self.layers:
-            x = layer(x, ctx)
+            x, _ = layer(x, ctx)
         return x
 
 
@@ -64,7 +64,7 @@ class LayerStack(nnx.Module):
             x, _ = scan_lib.scan(self.blocks, lambda block, h, _: (block(h, ctx), None), x,
                                  remat_name=self.remat)
         for layer in self.layers:
-            x = scan_lib.call(layer, lambda m, h: m(h, ctx), x, remat_name=self.remat)
+            x = scan_lib.call(layer, lambda m, h: m(h, ctx)[0], x, remat_name=self.remat)
         return x
 
     # ---- cached decoding -------------------------------------------------------------------
@@ -98,6 +98,6 @@ class LayerStack(nnx.Module):
         layers = self.decode_layers() if layers is None else layers
         new = []
         for layer, c in zip(layers, cache):
-            x, c = layer.decode_step(x, ctx, c)
+            x, c = layer(x, ctx, c)
             new.append(c)
         return x, new
