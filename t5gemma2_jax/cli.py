@@ -2,7 +2,8 @@
 
 Errors that describe bad input (a config, a machine that does not fit it, a checkpoint or data
 file that is missing or malformed, a checkpoint directory that cannot be written) are printed as
-`error: ...` on one line, without a traceback; anything else is a bug and keeps its traceback (its frames cleared of their locals, see `run`).
+`error: ...` on one line, without a traceback; anything else is a bug and keeps its traceback
+(its frames cleared of their locals, see `run`).
 """
 
 from __future__ import annotations

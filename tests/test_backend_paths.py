@@ -13,23 +13,14 @@ blockwise threshold is lowered so that it picks blockwise for the encoder.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 import t5gemma2_jax as tg
-from t5gemma2_jax.nn.backends import auto
+from backend_cases import BLOCKS, OTHERS, auto_picks_blockwise  # noqa: F401 (an autouse fixture)
 
-# backend -> attention_block_size (splash tiles are multiples of 128)
-BLOCKS = {"dense": 512, "blockwise": 8, "splash": 128, "cudnn": 8, "auto": 8}
-OTHERS = [b for b in BLOCKS if b != "dense"]
 LAYERS = dict(num_layers=2, layer_types=("sliding_attention", "full_attention"))
-
-
-@pytest.fixture(autouse=True)
-def _auto_picks_blockwise(monkeypatch):
-    monkeypatch.setattr(auto, "BLOCKWISE_MIN_KEYS", 2)
 
 
 def _model(backend: str) -> tg.T5Gemma2:

@@ -153,9 +153,9 @@ def test_bad_evaluation_input_is_one_line(sft_run, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path), "--data", str(bad), "--no-progress"]) == 2
     assert "neither a training work directory" in capsys.readouterr().err
     # Loss batches are split over the devices (8 here): a batch that does not split is refused.
-    assert evaluate.main(["--checkpoint", str(workdir), "--data", str(eval_file), "--batch-size", "3", "--no-progress"]) == 2
-    assert "--batch-size, else the run's data.batch_size): the loss batches are split over 8 devices" in \
-        capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(workdir), "--data", str(eval_file), "--batch-size", "3",
+                          "--no-progress"]) == 2
+    assert "error: --batch-size=3 is not divisible by mesh.data x mesh.fsdp = 8" in capsys.readouterr().err
 
 
 def test_tokenizer_must_fit_the_model_and_be_known(tmp_path):

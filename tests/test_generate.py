@@ -67,14 +67,18 @@ def test_greedy_matches_transformers_with_images(pair):
     np.testing.assert_array_equal(np.asarray(tg.generate(model, ids, mask, pixels, max_new_tokens=N)), ref)
 
 
+def _decoder_inputs(tokens: np.ndarray) -> np.ndarray:
+    """The decoder's teacher-forced inputs for generated `tokens`: the start token, then all but the last."""
+    return np.concatenate([np.full((tokens.shape[0], 1), 2), tokens[:, :-1]], axis=1)
+
+
 def test_cached_logits_equal_the_full_forward_at_every_step(pair):
     _, model = pair
     ids, mask, _, _ = text_inputs(2)
     tokens, scores = tg.generate(model, ids, mask, max_new_tokens=N, return_scores=True)
     tokens, scores = np.asarray(tokens), np.asarray(scores)
     assert scores.shape == (ids.shape[0], N, model.config.vocab_size) and scores.dtype == np.float32
-    dec_in = np.concatenate([np.full((ids.shape[0], 1), 2), tokens[:, :-1]], axis=1)
-    full = np.asarray(model(ids, dec_in, mask).logits)
+    full = np.asarray(model(ids, _decoder_inputs(tokens), mask).logits)
     assert np.abs(scores - full).max() <= 1e-5
 
 
@@ -85,28 +89,23 @@ def test_one_edit_to_the_layer_math_changes_training_and_decoding_alike(pair, mo
     still equal each other step by step."""
     import t5gemma2_jax.nn.attention as attention
 
-    def fresh(block_size):
-        """The pair's model under a structure of its own, so that its programs compile anew here
-        (compiled programs are cached by the model's structure)."""
-        other = tg.T5Gemma2(pair[1].config.replace(attention_block_size=block_size), rngs=nnx.Rngs(0))
-        nnx.update(other, nnx.state(pair[1]))
-        return other
-
-    model = fresh(256)
+    _, base = pair
     ids, mask, _, _ = text_inputs(2)
-    dec_in = lambda tokens: np.concatenate([np.full((ids.shape[0], 1), 2), tokens[:, :-1]], axis=1)  # noqa: E731
-    base_tokens, base_scores = map(np.asarray, tg.generate(model, ids, mask, max_new_tokens=N, return_scores=True))
-    base_full = np.asarray(model(ids, dec_in(base_tokens), mask).logits)
+    base_tokens, base_scores = map(np.asarray, tg.generate(base, ids, mask, max_new_tokens=N, return_scores=True))
+    base_full = np.asarray(base(ids, _decoder_inputs(base_tokens), mask).logits)
     call = attention.Attention.__call__
 
-    def scaled(self, *args, **kwargs):
+    def shifted(self, *args, **kwargs):
         y, cache = call(self, *args, **kwargs)
         return y + 0.1, cache
 
-    monkeypatch.setattr(attention.Attention, "__call__", scaled)
-    model = fresh(384)
+    monkeypatch.setattr(attention.Attention, "__call__", shifted)
+    # The same weights under a structure of their own, so that its programs are compiled here, with
+    # the edit (compiled programs are cached by the model's structure).
+    model = tg.T5Gemma2(base.config.replace(attention_block_size=384), rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(base))
     tokens, scores = map(np.asarray, tg.generate(model, ids, mask, max_new_tokens=N, return_scores=True))
-    full = np.asarray(model(ids, dec_in(tokens), mask).logits)
+    full = np.asarray(model(ids, _decoder_inputs(tokens), mask).logits)
     assert np.abs(scores - full).max() <= 1e-5
     assert np.abs(full - base_full).max() > 1e-2 and np.abs(scores - base_scores).max() > 1e-2
 

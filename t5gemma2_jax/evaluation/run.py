@@ -23,6 +23,7 @@ from t5gemma2_jax.evaluation.generation import generation_eval
 from t5gemma2_jax.evaluation.perplexity import perplexity
 from t5gemma2_jax.evaluation.placement import default_mesh, place
 from t5gemma2_jax.loading import find_source, load, load_tokenizer_for, run_config
+from t5gemma2_jax.train.mesh import check_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +55,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None 
     kind = record_kind(data)
     cfg = _data_config(run.data if run is not None else DataConfig(), model.config, data, kind, options, tok)
     mesh, rules = default_mesh()
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if kind != "choice" and cfg.batch_size % shards:
-        raise ConfigError(f"batch size {cfg.batch_size} (--batch-size, else the run's data.batch_size): the loss "
-                          f"batches are split over {shards} devices, so it must be a multiple of {shards}")
+    if kind != "choice":                        # loss batches are split over the devices like training's
+        check_batch(cfg.batch_size, mesh, name="--batch-size")
     placed = place(model, mesh, rules)
     results: dict = {"checkpoint": str(checkpoint), "source": src.kind, "step": src.step, "data": data, "kind": kind}
     rows: list[dict] = []

@@ -261,8 +261,8 @@ def evaluate(steps: CompiledSteps, state, trainer: Trainer, batches, max_batches
                 break
             sums.append(steps.eval(state, trainer.place_batch(b)))
     finally:
-        # Also when a step fails: an eval pipeline left open keeps its worker processes until the
-        # interpreter's exit tears them down mid-batch, which prints tracebacks of its own.
+        # Also when a step fails: an eval pipeline left open keeps its workers' batches in shared
+        # memory until the interpreter's exit, which then reports them as leaked.
         if hasattr(batches, "close"):
             batches.close()
     sums = jax.device_get(sums)

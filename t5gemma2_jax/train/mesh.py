@@ -134,15 +134,17 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, batch_spec(ndim))
 
 
-def check_batch(global_batch: int, mesh: Mesh, microbatches: int = 1, process_count: int = 1) -> None:
-    """The global batch must split evenly over hosts and over the batch axes of every microbatch."""
+def check_batch(global_batch: int, mesh: Mesh, microbatches: int = 1, process_count: int = 1,
+                name: str = "data.batch_size") -> None:
+    """The global batch must split evenly over hosts and over the batch axes of every microbatch;
+    `name` is the setting the messages tell the user to change."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % process_count:
-        raise SetupError(f"data.batch_size={global_batch} is not divisible by the {process_count} "
+        raise SetupError(f"{name}={global_batch} is not divisible by the {process_count} "
                          "processes (hosts)")
     if global_batch % (shards * microbatches):
         raise SetupError(
-            f"data.batch_size={global_batch} is not divisible by mesh.data x mesh.fsdp = {shards}"
+            f"{name}={global_batch} is not divisible by mesh.data x mesh.fsdp = {shards}"
             + (f" x train.microbatches={microbatches}" if microbatches > 1 else "")
             + f" (mesh {dict(mesh.shape)}): every batch shard needs the same number of rows")
 

@@ -1,8 +1,8 @@
 """Every attention backend through the trainer's compiled train and eval steps, with a checkpoint
 and a resume, also under `mesh.context`, and through `scripts/evaluate.py` on the run it trained:
-each equal to `dense` (the model's own paths: `tests/test_backend_paths.py`). splash, the backend
-of the TPU presets, runs its compiled steps in the default tier, the rest in the slow tier.
-Two devices: the layouts are not what these tests are about."""
+each equal to `dense` (the model's own paths, one test per backend in the default tier:
+`tests/test_backend_paths.py`). All are slow tests. Two devices: the layouts are not what these
+tests are about."""
 
 from __future__ import annotations
 
@@ -11,23 +11,16 @@ import json
 import jax
 import numpy as np
 import pytest
+from backend_cases import BLOCKS, OTHERS, auto_picks_blockwise  # noqa: F401 (an autouse fixture)
 from helpers import batch_for, small_config
 
 import t5gemma2_jax as tg
-from t5gemma2_jax.nn.backends import auto
 from t5gemma2_jax.train import Trainer
 from t5gemma2_jax.train.loop import train
 from scripts_loader import load_script
 
-BLOCKS = {"dense": 512, "blockwise": 8, "splash": 128, "cudnn": 8, "auto": 8}
-OTHERS = [b for b in BLOCKS if b != "dense"]
 TWO = {"data": 1, "fsdp": 2, "context": 1, "tensor": 1}
 CONTEXT = {"data": 1, "fsdp": 1, "context": 2, "tensor": 1}
-
-
-@pytest.fixture(autouse=True)
-def _auto_picks_blockwise(monkeypatch):
-    monkeypatch.setattr(auto, "BLOCKWISE_MIN_KEYS", 2)
 
 
 def _config(backend: str, mesh: dict = TWO, **train):
@@ -48,6 +41,7 @@ def _steps(backend: str) -> list[float]:
     return out + [float(sums["loss_sum"]) / float(sums["tokens"])]
 
 
+@pytest.mark.slow
 def test_splash_train_and_eval_steps_equal_dense():
     """The TPU presets' backend through the ahead-of-time compiled steps (which once refused their
     inputs: the program held the kernel's mask tables as extra inputs no call passed)."""

@@ -253,13 +253,16 @@ def test_the_space_check_reports_before_orbax_writes(tmp_path, monkeypatch):
     ck.close()
 
 
+# configs/tiny.yaml cut to 2+2 layers, text only, short rows: the command-line runs below.
+SMALL_TINY = ["model.encoder.num_layers=2", "model.decoder.num_layers=2",
+              "model.encoder.layer_types=[sliding_attention,full_attention]",
+              "model.decoder.layer_types=[sliding_attention,full_attention]",
+              "data.max_images_per_row=0", "data.encoder_length=64", "data.decoder_length=32"]
+
+
 def test_ctrl_c_checkpoints_then_exits_130(tmp_path):
-    overrides = ["model.encoder.num_layers=2", "model.decoder.num_layers=2",
-                 "model.encoder.layer_types=[sliding_attention,full_attention]",
-                 "model.decoder.layer_types=[sliding_attention,full_attention]",
-                 "data.max_images_per_row=0", "data.encoder_length=64", "data.decoder_length=32",
-                 "train.steps=400", "train.checkpoint_every=1000", "train.log_every=1", "train.eval_every=0",
-                 "train.progress_bar=false", "train.export_at_end=false"]
+    overrides = [*SMALL_TINY, "train.steps=400", "train.checkpoint_every=1000", "train.log_every=1",
+                 "train.eval_every=0", "train.progress_bar=false", "train.export_at_end=false"]
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--workdir", str(tmp_path), *overrides]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -365,12 +368,9 @@ def test_a_run_whose_eval_fails_with_data_workers_prints_one_traceback(tmp_path)
                             for i in range(200)))
     driver = tmp_path / "driver.py"
     driver.write_text(_FAILING_EVAL)
-    overrides = ["model.encoder.num_layers=2", "model.decoder.num_layers=2",
-                 "model.encoder.layer_types=[sliding_attention,full_attention]",
-                 "model.decoder.layer_types=[sliding_attention,full_attention]",
-                 "data.max_images_per_row=0", "data.encoder_length=64", "data.decoder_length=32",
-                 "data.batch_size=2", f"data.train={data}", f"data.eval={data}", f"data.tokenizer={tiny_tokenizer_path()}",
-                 "data.num_workers=2", "train.steps=2", "train.eval_at_start=true", "train.progress_bar=false"]
+    overrides = [*SMALL_TINY, "data.batch_size=2", f"data.train={data}", f"data.eval={data}",
+                 f"data.tokenizer={tiny_tokenizer_path()}", "data.num_workers=2", "train.steps=2",
+                 "train.eval_at_start=true", "train.progress_bar=false"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, str(driver), str(ROOT / "configs" / "tiny.yaml"), str(tmp_path / "run"),

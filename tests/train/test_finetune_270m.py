@@ -52,7 +52,8 @@ def test_adapt_then_fine_tune_with_the_270m_config(tmp_path):
                             for i in range(64)))
     workdir = tmp_path / "run"
     _cli("train.py", "--config", str(ROOT / "configs" / "270m-270m_pretrain.yaml"), "--workdir", str(workdir),
-         f"train.init_from={adapted}", f"data.train={data}", f"data.eval={data}", f"data.tokenizer={tiny_tokenizer_path()}",
+         f"train.init_from={adapted}", f"data.train={data}", f"data.eval={data}",
+         f"data.tokenizer={tiny_tokenizer_path()}",
          "model.dtype=float32", "data.encoder_length=128", "data.decoder_length=64", "data.batch_size=2",
          "data.max_images_per_row=0", "data.num_workers=2", "train.microbatches=1", "train.steps=2",
          "train.eval_every=2", "train.eval_steps=1", "train.progress_bar=false")
