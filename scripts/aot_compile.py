@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     if cfg.mesh.context > 1:
         import jax.numpy as jnp
 
-        from t5gemma2_jax.train.mesh import context_traffic
+        from t5gemma2_jax.parallel import context_traffic
 
         rows = d.batch_size / (trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"])
         moved = context_traffic(m, d.encoder_length, rows, cfg.mesh, jnp.dtype(m.dtype).itemsize)

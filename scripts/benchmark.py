@@ -43,8 +43,8 @@ from flax import nnx
 
 import t5gemma2_jax as tg
 from t5gemma2_jax.checkpoints.hf_config import transformers_model
+from t5gemma2_jax.experiment import from_dict
 from t5gemma2_jax.train import Trainer
-from t5gemma2_jax.train.config import from_dict
 from t5gemma2_jax.train.flops import measured_cpu_peak, peak_flops_per_device, step_flops
 
 

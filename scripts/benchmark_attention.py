@@ -15,7 +15,7 @@ Dense is skipped where its [T, T] score matrix would not fit `--dense-limit-gib`
 backward, for the three masks of a model (encoder local window, encoder global, decoder merged
 over `[--decoder-length self keys | L encoder keys]`), with the head layout, window and block size
 of `--preset`, and prints where blockwise starts to win: the data behind
-`nn.backends.BLOCKWISE_MIN_KEYS`, the length at which `attention_backend="auto"` switches.
+`ops.backends.BLOCKWISE_MIN_KEYS`, the length at which `attention_backend="auto"` switches.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5gemma2_jax.nn.backends import attend
-from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window
+from t5gemma2_jax.ops.backends import attend
+from t5gemma2_jax.ops.masks import MaskInfo, bidirectional_window
 
 
 def _timed(fn, *args, reps=3):
@@ -72,8 +72,8 @@ def run(T, kind, backend, a):
     import contextlib
 
     from t5gemma2_jax.sharding import axis_rules, length_of
-    from t5gemma2_jax.train.config import MeshConfig
-    from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
+    from t5gemma2_jax.parallel import MeshConfig
+    from t5gemma2_jax.parallel import make_mesh, sharding_rules
 
     mcfg = MeshConfig(data=1, fsdp=1, context=a.context, tensor=1)
     with contextlib.ExitStack() as stack:

@@ -67,7 +67,7 @@ import t5gemma2_jax as tg
 from t5gemma2_jax.checkpoints.hf import hf_entries, hub_key
 from t5gemma2_jax.checkpoints.hf_config import config_to_hf
 from t5gemma2_jax.checkpoints.staging import get_path
-from t5gemma2_jax.train.mesh import SetupError
+from t5gemma2_jax.parallel import SetupError
 
 INSTALL = (".venv/bin/python -m venv /tmp/khvenv && /tmp/khvenv/bin/pip install -c constraints.txt -e . && "
            "/tmp/khvenv/bin/pip install -c constraints.txt keras-hub==0.32.0 keras, then run this script with "

@@ -17,8 +17,8 @@ from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.images import ImageError
 from t5gemma2_jax.data.pipeline import DataQualityError
+from t5gemma2_jax.parallel import SetupError
 from t5gemma2_jax.train.checkpoint import CheckpointIOError
-from t5gemma2_jax.train.mesh import SetupError
 
 USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError)
 USAGE = 2

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from t5gemma2_jax import configlib
 from t5gemma2_jax.configlib import ConfigError, require_int
-from t5gemma2_jax.nn import backends
-from t5gemma2_jax.nn.scan import REMAT_POLICIES
+from t5gemma2_jax.ops import backends
+from t5gemma2_jax.ops.scan import REMAT_POLICIES
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -159,7 +159,7 @@ class T5Gemma2Config:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
-    attention_backend: str = "auto"    # per call: dense, blockwise, splash or cudnn (nn/backends/auto.py)
+    attention_backend: str = "auto"    # per call: dense, blockwise, splash or cudnn (ops/backends/auto.py)
     attention_block_size: int = 512
 
     def __post_init__(self):

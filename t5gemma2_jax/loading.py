@@ -16,19 +16,20 @@ reads the same kinds of path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
-from t5gemma2_jax.checkpoints.export import load_export, model_from_arrays
+from t5gemma2_jax.checkpoints.export import model_from_arrays
 from t5gemma2_jax.checkpoints.hf import load_hf
+from t5gemma2_jax.checkpoints.run import checksums, load_run_params
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
+from t5gemma2_jax.checkpoints.sources import Source, find_source
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data import DataConfig, Tokenizer, load_tokenizer
 from t5gemma2_jax.data.tiny_tokenizer import TINY_VOCAB_SIZE
+from t5gemma2_jax.experiment import ExperimentConfig, from_dict
 from t5gemma2_jax.model import T5Gemma2
-from t5gemma2_jax.train.checkpoint import checksums, load_run_params
-from t5gemma2_jax.train.config import ExperimentConfig, from_dict
-from t5gemma2_jax.train.sources import Source, find_source
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -52,16 +53,14 @@ def load(path: str | os.PathLike | Source, *, dtype: str | None = None, text_onl
     overrides = {} if dtype is None else {"dtype": str(dtype)}
     if src.holds_adapters:
         return _load_lora_run(src, overrides, adapter, quantize_base, mesh, rules)
-    if src.kind == "export":
-        model = load_export(src.path, mesh=mesh, rules=rules, **overrides)
-    elif src.kind == "hf":
+    if src.kind == "hf":
         import jax.numpy as jnp
 
         model = load_hf(src.path, dtype=jnp.dtype(dtype or "float32"), text_only=text_only)
     else:
         cfg = src.model_config()
-        model = model_from_arrays(cfg.replace(**overrides) if overrides else cfg,
-                                  lambda shapes, shardings: load_run_params(src.path, shapes, shardings), mesh, rules)
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        model = model_from_arrays(cfg, functools.partial(src.read_params, cfg), mesh, rules)
     if quantize_base and quantize_base != "none":
         quantize(model, quantize_base)
     if adapter:
@@ -73,7 +72,7 @@ def _load_lora_run(src: Source, overrides: dict, adapter, quantize_base, mesh, r
     """The base of a LoRA run (its train.init_from) with the run's adapters: from its newest
     checkpoint (verified to belong to that base) or, without checkpoints, its final adapter/."""
     from t5gemma2_jax.adapters import load_peft
-    from t5gemma2_jax.train.state import ModelDef
+    from t5gemma2_jax.modeldef import ModelDef
 
     run = run_config(src)
     base = load(src.base_path(), dtype=overrides.get("dtype"), mesh=mesh, rules=rules)

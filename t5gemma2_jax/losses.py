@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -37,3 +39,22 @@ def shift_right(labels: jax.Array, start_id: int, pad_id: int = 0,
     labels = jnp.where(labels == ignore_index, pad_id, labels)
     start = jnp.full(labels.shape[:-1] + (1,), start_id, labels.dtype)
     return jnp.concatenate([start, labels[..., :-1]], axis=-1)
+
+
+def batch_loss_sums(model, batch: Mapping[str, jax.Array], z_loss: float = 0.0
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(sum of token losses incl. z-loss, (sum of cross-entropy, sum of weights)) of a packed
+    batch under `model`: the one teacher-forced loss of training, its evaluation and
+    `scripts/evaluate.py`."""
+    images = {}
+    if model.config.with_vision and "pixel_values" in batch:
+        images = dict(pixel_values=batch["pixel_values"], image_mask=batch.get("image_mask"))
+    logits = model(batch["encoder_input_ids"], batch["decoder_input_ids"],
+                   encoder_segment_ids=batch["encoder_segment_ids"],
+                   decoder_segment_ids=batch["decoder_segment_ids"],
+                   encoder_positions=batch["encoder_positions"],
+                   decoder_positions=batch["decoder_positions"], **images).logits
+    targets, weights = batch["decoder_target_ids"], batch["decoder_loss_weights"]
+    total, count = cross_entropy(logits, targets, weights, z_loss)
+    ce = cross_entropy(logits, targets, weights)[0] if z_loss else total
+    return total, (ce, count)

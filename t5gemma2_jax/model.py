@@ -27,13 +27,13 @@ import numpy as np
 from flax import nnx, struct
 
 from t5gemma2_jax.config import FULL, SLIDING, T5Gemma2Config, TextConfig
-from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window, causal_window
 from t5gemma2_jax.nn.embed import Embedder
 from t5gemma2_jax.nn.layers import LayerContext
 from t5gemma2_jax.nn.norm import RMSNorm
-from t5gemma2_jax.nn.rng import current_dropout_key, dropout_key
 from t5gemma2_jax.nn.rope import rope_angles
 from t5gemma2_jax.nn.stack import LayerStack
+from t5gemma2_jax.ops.masks import MaskInfo, bidirectional_window, causal_window
+from t5gemma2_jax.ops.rng import current_dropout_key, dropout_key
 from t5gemma2_jax.sharding import constrain, current_rules, length_of
 
 F = TypeVar("F", bound=Callable)
@@ -264,7 +264,7 @@ class T5Gemma2(nnx.Module):
         encoder_states = constrain(encoder_states, ("batch", "length", "embed"))
         ctx = LayerContext(rope=self.decoder.rope_tables(pos), masks=masks, encoder_states=encoder_states)
         # The decoder's positions (MLPs, head, loss) split like the encoder's; its attention reads
-        # whole keys (its causal and merged masks run unsplit, `nn/backends/context`).
+        # whole keys (its causal and merged masks run unsplit, `ops/backends/context`).
         with length_of("decoder_length"):
             logits = self.output_head.decode(self.decoder(constrain(y, ("batch", "length", "embed")), ctx))
         cap = self.config.decoder.final_logit_softcap

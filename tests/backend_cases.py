@@ -4,7 +4,7 @@ short sequences (its CPU threshold is 1024 keys)."""
 
 import pytest
 
-from t5gemma2_jax.nn.backends import auto
+from t5gemma2_jax.ops.backends import auto
 
 BLOCKS = {"dense": 512, "blockwise": 8, "splash": 128, "cudnn": 8, "auto": 8}
 OTHERS = [b for b in BLOCKS if b != "dense"]

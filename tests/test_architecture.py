@@ -9,16 +9,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "t5gemma2_jax"
 ROOT = "t5gemma2_jax"
 
-# Most specific prefix wins. Keep in step with the table in docs/architecture.md.
+# One layer per top-level module or package, none for a sub-module: a package's files share its
+# layer. Keep in step with the table in docs/architecture.md.
 LAYERS = {
-    "t5gemma2_jax.configlib": 0, "t5gemma2_jax.sharding": 0, "t5gemma2_jax.losses": 0,
-    "t5gemma2_jax.nn.masks": 0, "t5gemma2_jax.nn.backends": 0, "t5gemma2_jax.nn.scan": 0, "t5gemma2_jax.nn.rng": 0,
-    "t5gemma2_jax.config": 1, "t5gemma2_jax.data": 1,
+    "t5gemma2_jax.configlib": 0, "t5gemma2_jax.sharding": 0, "t5gemma2_jax.losses": 0, "t5gemma2_jax.ops": 0,
+    "t5gemma2_jax.config": 1, "t5gemma2_jax.data": 1, "t5gemma2_jax.parallel": 1,
     "t5gemma2_jax.nn": 2, "t5gemma2_jax.vision": 2,
     "t5gemma2_jax.model": 3,
     "t5gemma2_jax.checkpoints": 4, "t5gemma2_jax.generation": 4, "t5gemma2_jax.adapters": 4,
-    "t5gemma2_jax.train": 5, "t5gemma2_jax.evaluation": 5, "t5gemma2_jax.evaluation.run": 6,
-    "t5gemma2_jax": 6,
+    "t5gemma2_jax.experiment": 5, "t5gemma2_jax.modeldef": 5, "t5gemma2_jax.loading": 5,
+    "t5gemma2_jax.evaluation": 6,
+    "t5gemma2_jax.train": 7,
+    "t5gemma2_jax": 8,
 }
 
 
@@ -33,14 +35,7 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-# Package files whose layer is not their package's: `nn/__init__.py` only names the package (it
-# imports nothing), and the primitives below it are imported from layer 1.
-PACKAGE_FILES = {"t5gemma2_jax.nn": 0}
-
-
 def layer(module: str) -> int:
-    if module in PACKAGE_FILES:
-        return PACKAGE_FILES[module]
     parts = module.split(".")
     for n in range(len(parts), 0, -1):
         if ".".join(parts[:n]) in LAYERS:
@@ -84,6 +79,7 @@ GRAPH = {m: imports(m) for m in MODULES}
 def test_every_module_has_a_layer():
     for m in MODULES:
         layer(m)
+    assert all(k == ROOT or k.count(".") == 1 for k in LAYERS), "a sub-module with a layer of its own"
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
@@ -123,14 +119,14 @@ def test_the_checks_see_violations():
     # package files an import from outside runs ...
     assert "t5gemma2_jax.checkpoints" in GRAPH["t5gemma2_jax.adapters"]
     assert not GRAPH["t5gemma2_jax.nn"]
-    assert "t5gemma2_jax.nn.backends" in GRAPH["t5gemma2_jax.nn.attention"]
-    assert "t5gemma2_jax.nn.backends.blockwise" in GRAPH["t5gemma2_jax.nn.backends.cudnn"]
+    assert "t5gemma2_jax.ops.backends" in GRAPH["t5gemma2_jax.nn.attention"]
+    assert "t5gemma2_jax.ops.backends.blockwise" in GRAPH["t5gemma2_jax.ops.backends.cudnn"]
     assert "t5gemma2_jax.vision" in GRAPH["t5gemma2_jax.model"]
     # ... and both rules bite on a graph that breaks them.
     bad = {**GRAPH, "t5gemma2_jax.model": GRAPH["t5gemma2_jax.model"] | {"t5gemma2_jax.train.loop"}}
-    assert upward_imports(bad) == ["t5gemma2_jax.model (layer 3) imports t5gemma2_jax.train.loop (layer 5)"]
-    loop = {"t5gemma2_jax.nn.masks": {"t5gemma2_jax.nn.backends"}, "t5gemma2_jax.nn.backends": {"t5gemma2_jax.nn.masks"}}
-    assert import_cycles(loop) == ["t5gemma2_jax.nn.backends -> t5gemma2_jax.nn.masks -> t5gemma2_jax.nn.backends"]
+    assert upward_imports(bad) == ["t5gemma2_jax.model (layer 3) imports t5gemma2_jax.train.loop (layer 7)"]
+    loop = {"t5gemma2_jax.ops.masks": {"t5gemma2_jax.ops.backends"}, "t5gemma2_jax.ops.backends": {"t5gemma2_jax.ops.masks"}}
+    assert import_cycles(loop) == ["t5gemma2_jax.ops.backends -> t5gemma2_jax.ops.masks -> t5gemma2_jax.ops.backends"]
 
 
 def test_no_script_wires_the_trainer():

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 import t5gemma2_jax as tg
-from t5gemma2_jax.nn import backends
-from t5gemma2_jax.nn.backends import attend, auto
-from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window, causal_window, dense_mask
+from t5gemma2_jax.ops import backends
+from t5gemma2_jax.ops.backends import attend, auto
+from t5gemma2_jax.ops.masks import MaskInfo, bidirectional_window, causal_window, dense_mask
 
 B, T, S, H, K, d = 2, 37, 29, 4, 2, 8
 
@@ -93,7 +93,7 @@ def test_blockwise_model_matches_dense_model():
 def test_cudnn_call_equals_dense(kind):
     """The exact `jax.nn.dot_product_attention` call the cuDNN backend makes (mask, GQA, scale),
     run through its XLA implementation, which has the same semantics and runs anywhere."""
-    from t5gemma2_jax.nn.backends.cudnn import attention as cudnn_attention
+    from t5gemma2_jax.ops.backends.cudnn import attention as cudnn_attention
 
     mask, q, k, v, has_keys = _inputs(kind, 2)
     dense = lambda *x: attend(*x, mask, scale=0.3)  # noqa: E731
@@ -104,7 +104,7 @@ def test_cudnn_call_equals_dense(kind):
 
 
 def test_cudnn_support_rules_and_fallback():
-    from t5gemma2_jax.nn.backends.cudnn import cudnn_unsupported_reason
+    from t5gemma2_jax.ops.backends.cudnn import cudnn_unsupported_reason
 
     bf = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
     assert cudnn_unsupported_reason(bf(1, 64, 8, 256), bf(1, 128, 4, 256), 9.0) is None       # H100, Gemma 3 head dim
@@ -140,8 +140,8 @@ def test_backend_model_generates_like_dense(backend, block, monkeypatch):
 
 def test_a_backend_registered_by_name_runs_every_layer():
     """Adding a backend is one function and one registration; configs then accept its name."""
-    from t5gemma2_jax.nn import backends
-    from t5gemma2_jax.nn.backends import dense
+    from t5gemma2_jax.ops import backends
+    from t5gemma2_jax.ops.backends import dense
 
     calls = []
 
@@ -205,7 +205,7 @@ DECODER = dict(causal=True, window=causal_window(512))          # merged: cross_
     ("gpu", 32768, 32768, ENCODER_LOCAL, jnp.bfloat16, 256, 512, "blockwise"),  # a 2 GiB cuDNN mask
 ])
 def test_auto_choice_per_platform_and_length(platform, T, S, mask, dtype, d, block, want, monkeypatch):
-    from t5gemma2_jax.nn.backends import cudnn
+    from t5gemma2_jax.ops.backends import cudnn
 
     monkeypatch.setattr(cudnn, "gpu_compute_capability", lambda: 9.0)
     if mask.get("causal") and mask.get("window") and S > T:
@@ -245,7 +245,7 @@ def test_auto_picks_by_the_devices_compiled_for_not_the_host(monkeypatch):
 
 def test_splash_runs_its_kernel_when_compiled_for_tpu(monkeypatch):
     """Splash's interpret mode (for tests off TPU) follows the same target platform."""
-    from t5gemma2_jax.nn.backends import splash
+    from t5gemma2_jax.ops.backends import splash
 
     seen = []
     monkeypatch.setattr(splash, "_local_splash", lambda q, *a, interpret, **kw: seen.append(interpret) or q)

@@ -9,7 +9,7 @@ import pytest
 from t5gemma2_jax import configlib
 from t5gemma2_jax.config import ConfigError, preset
 from t5gemma2_jax.data import DataConfig, DataConfigError
-from t5gemma2_jax.train.config import load_config
+from t5gemma2_jax.experiment import load_config
 
 
 def test_one_error_type():

@@ -120,7 +120,7 @@ def test_generate_with_an_adapter_and_from_a_lora_run(tiny_export, tmp_path, cap
     a LoRA run's work directory brings its base (train.init_from) and adapter by itself."""
     from t5gemma2_jax.data import Tokenizer, tiny_tokenizer_path
     from t5gemma2_jax.data.prompts import encode_prompt
-    from t5gemma2_jax.train.config import from_dict
+    from t5gemma2_jax.experiment import from_dict
 
     model = tg.load_export(tiny_export)
     tg.apply_lora(model, rank=2)

@@ -2,7 +2,7 @@
 
 Keys are transformers' canonical names (`model.encoder.text_model.*`, `model.decoder.*`); the
 Hub's flat encoder layout is mapped onto them by `hf.canonical_key`. A scanned stack's layer `i`
-is a slice of a stacked parameter (`nn.scan.layer_slot`).
+is a slice of a stacked parameter (`ops.scan.layer_slot`).
 
 Layout conversions (HF -> ours):
     {q,k,v}_proj.weight [N*d, D] (out, in) -> attn.{q,k,v} [D, N, d]
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from t5gemma2_jax.checkpoints.hf_mapping import HFEntry, heads_in, heads_out, identity, transpose
 from t5gemma2_jax.config import T5Gemma2Config, TextConfig
-from t5gemma2_jax.nn.scan import layer_slot, stack_layout
+from t5gemma2_jax.ops.scan import layer_slot, stack_layout
 
 ENCODER_PREFIX = "model.encoder.text_model."
 DECODER_PREFIX = "model.decoder."

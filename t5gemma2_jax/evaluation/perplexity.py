@@ -13,8 +13,8 @@ from t5gemma2_jax.data.config import DataConfig
 from t5gemma2_jax.data.pipeline import make_pipeline
 from t5gemma2_jax.data.tokenizer import Tokenizer
 from t5gemma2_jax.evaluation.placement import compiled
-from t5gemma2_jax.train.mesh import global_batch
-from t5gemma2_jax.train.step import batch_loss_sums
+from t5gemma2_jax.losses import batch_loss_sums
+from t5gemma2_jax.parallel import global_batch
 
 
 def _sums(model, batch):

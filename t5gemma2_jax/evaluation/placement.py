@@ -9,9 +9,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from t5gemma2_jax.parallel import MeshConfig, make_mesh, sharding_rules
 from t5gemma2_jax.sharding import Rules, axis_rules, variable_spec
-from t5gemma2_jax.train.config import MeshConfig
-from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
 
 
 def default_mesh(cfg: MeshConfig | None = None) -> tuple[Mesh, Rules]:

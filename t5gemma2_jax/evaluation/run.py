@@ -23,7 +23,7 @@ from t5gemma2_jax.evaluation.generation import generation_eval
 from t5gemma2_jax.evaluation.perplexity import perplexity
 from t5gemma2_jax.evaluation.placement import default_mesh, place
 from t5gemma2_jax.loading import find_source, load, load_tokenizer_for, run_config
-from t5gemma2_jax.train.mesh import check_batch
+from t5gemma2_jax.parallel import check_batch
 
 
 @dataclasses.dataclass(frozen=True)

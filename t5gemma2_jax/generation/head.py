@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from t5gemma2_jax.generation.controls import LogitControls
 from t5gemma2_jax.generation.sampling import greedy
-from t5gemma2_jax.nn.backends import target_platform
+from t5gemma2_jax.ops.backends import target_platform
 
 # Vocabularies from this size on are screened (below it the table is too small to matter).
 MIN_VOCAB = 32768

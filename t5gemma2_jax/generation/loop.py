@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from t5gemma2_jax.nn.backends import target_platform
+from t5gemma2_jax.ops.backends import target_platform
 
 
 def loop_layers(model) -> list | None:

@@ -13,11 +13,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import TextConfig
-from t5gemma2_jax.nn.backends import attend
 from t5gemma2_jax.nn.lora import project
-from t5gemma2_jax.nn.masks import MASK_VALUE, MaskInfo, dense_mask
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.nn.rope import apply_rope
+from t5gemma2_jax.ops.backends import attend
+from t5gemma2_jax.ops.masks import MASK_VALUE, MaskInfo, dense_mask
 from t5gemma2_jax.sharding import constrain
 
 _BTHD = ("batch", "length", "heads", "head_dim")

@@ -14,7 +14,7 @@ B starts at zero so an adapted model equals its base. Adapters are `nnx.LoRAPara
 adds and folds them.
 
 Dropout on the adapter's input (PEFT's `lora_dropout`) draws from the key the train step gives the
-forward pass (`nn.rng`), folded with the adapter's name.
+forward pass (`ops.rng`), folded with the adapter's name.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t5gemma2_jax.nn.backends import target_platform
 from t5gemma2_jax.nn.quant import QuantizedKernel
-from t5gemma2_jax.nn.rng import current_dropout_key
+from t5gemma2_jax.ops.backends import target_platform
+from t5gemma2_jax.ops.rng import current_dropout_key
 from t5gemma2_jax.sharding import sequence_axis
 
 class LoRA(nnx.Module):

@@ -17,9 +17,9 @@ import jax
 from flax import nnx
 
 from t5gemma2_jax.config import TextConfig
-from t5gemma2_jax.nn import scan as scan_lib
 from t5gemma2_jax.nn.layers import Layer, LayerContext
-from t5gemma2_jax.nn.scan import layer_slot, stack_layout
+from t5gemma2_jax.ops import scan as scan_lib
+from t5gemma2_jax.ops.scan import layer_slot, stack_layout
 
 
 class Block(nnx.Module):

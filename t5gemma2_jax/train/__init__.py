@@ -10,16 +10,18 @@ Command line: `python scripts/train.py --config configs/tiny.yaml --workdir DIR 
 """
 
 from t5gemma2_jax.checkpoints.export import load_export, save_export
-from t5gemma2_jax.train.checkpoint import Checkpointer
-from t5gemma2_jax.train.config import (ExperimentConfig, MeshConfig, ModelSpec, OptimConfig, TrainConfig,
+from t5gemma2_jax.experiment import (ExperimentConfig, MeshConfig, ModelSpec, OptimConfig, TrainConfig,
                                        load_config)
+from t5gemma2_jax.modeldef import ModelDef
+from t5gemma2_jax.parallel import (SetupError, global_batch, make_mesh, maybe_initialize_distributed,
+                                     sharding_rules)
+from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.flops import StepFlops, compiled_flops, compiled_memory, peak_flops_per_device, step_flops
 from t5gemma2_jax.train.loop import evaluate, train
-from t5gemma2_jax.train.mesh import (SetupError, global_batch, make_mesh, maybe_initialize_distributed,
-                                     sharding_rules)
 from t5gemma2_jax.train.metrics import read_metrics
+from t5gemma2_jax.train.optim import make_optimizer
 from t5gemma2_jax.train.setup import prepare
-from t5gemma2_jax.train.state import ModelDef, abstract_state, init_state, make_optimizer
+from t5gemma2_jax.train.state import abstract_state, init_state
 from t5gemma2_jax.train.step import CompiledSteps, loss_and_grads, make_eval_step, make_train_step
 from t5gemma2_jax.train.trainer import Trainer
 

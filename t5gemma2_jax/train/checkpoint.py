@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5gemma2_jax.checkpoints.run import checksums, mismatched_checksums
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -100,128 +99,8 @@ class CheckpointMismatch(CheckpointError):
     so it is reported, never set aside for an older one."""
 
 
-def _words(x: jax.Array) -> jax.Array:
-    """The bits of `x` as uint32 words, elementwise (no reshape, so a sharded array stays put)."""
-    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    u = x if x.dtype == bits else jax.lax.bitcast_convert_type(x, bits)
-    return u.astype(jnp.uint32)
-
-
-def _fingerprint(x: jax.Array) -> jax.Array:
-    """[sum of words, sum of words x (flat index + 1)] mod 2**32: any changed word changes the
-    first; a word moved, or two changes that cancel, the second.
-
-    Both sums are one variadic reduction, so XLA computes the words and their indices inside it
-    and reads `x` once: as two `jnp.sum`s the words were materialised for the second one (a copy
-    of the array, and on CPU 18x slower, 0.46 s against 0.026 s for a 671 MB table)."""
-    w = _words(x)
-    index = jnp.ones(x.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(x.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= x.shape[axis]
-    total, weighted = jax.lax.reduce((w, w * index), (jnp.uint32(0), jnp.uint32(0)),
-                                     lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
-    return jnp.stack([total, weighted])
-
-
-_fingerprints = jax.jit(lambda flat: {k: _fingerprint(x) for k, x in flat.items()})
-
-
-def _flat(tree) -> dict[str, jax.Array]:
-    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _sums(flat: dict[str, jax.Array]) -> dict[str, list[int]]:
-    return {k: [int(v) for v in value] for k, value in jax.device_get(_fingerprints(flat)).items()}
-
-
-def checksums(state) -> dict[str, list]:
-    """Per-array `[sum, weighted sum, dtype]` of a (sharded) state, computed where it lives."""
-    flat = _flat(state)
-    return {k: sums + [flat[k].dtype.name] for k, sums in _sums(flat).items()}
-
-
-def mismatched_checksums(state, saved: dict[str, list]) -> list[str]:
-    """Arrays of a restored `state` whose bits differ from what was saved. An array restored in a
-    wider dtype than it was saved in is compared after casting back (exact); one restored
-    narrower cannot be compared and is skipped."""
-    comparable = {}
-    for key, x in _flat(state).items():
-        entry = saved.get(key)
-        if entry is None:
-            continue
-        dtype = np.dtype(entry[2]) if len(entry) > 2 else x.dtype
-        if x.dtype == dtype:
-            comparable[key] = x
-        elif np.can_cast(dtype, x.dtype, casting="safe"):
-            comparable[key] = x.astype(dtype)
-    return sorted(k for k, sums in _sums(comparable).items() if sums != saved[k][:2])
-
-
 def state_bytes(state) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
-
-
-def run_checkpoint(path: str | Path) -> Path | None:
-    """The step directory of a training checkpoint that `path` names: a step directory itself, or
-    the newest complete checkpoint of a checkpoints directory or of a work directory; else None."""
-    p = Path(path)
-    if (p / "state").is_dir() and (p / "meta").is_dir():
-        return p
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if not p.is_dir():
-        return None
-    # Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames when complete: digits only.
-    steps = [int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()]
-    return p / str(max(steps)) if steps else None
-
-
-def read_run_meta(step_dir: Path) -> dict:
-    try:
-        return json.loads((step_dir / "meta" / "metadata").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({e})") from None
-
-
-def load_run_params(step_dir: Path, shapes: dict[str, jax.ShapeDtypeStruct], shardings: dict[str, Any] | None = None,
-                    *, adapters: bool = False) -> dict[str, jax.Array]:
-    """The model parameters named in `shapes` from training checkpoint `step_dir` (its `params`
-    and `frozen` groups, whichever holds each), placed with `shardings` (default: the first local
-    device) and verified against the checksums the run saved; the optimizer state stays on disk.
-    A LoRA run's checkpoint holds only adapters: read them with `adapters=True`."""
-    if shardings is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = {n: dev for n in shapes}
-    meta = read_run_meta(step_dir)
-    if "base_checksums" in meta and not adapters:
-        raise CheckpointError(f"{step_dir}: a LoRA run's checkpoint holds adapters, not a model; its model is "
-                              f"its base ({meta.get('config', {}).get('train', {}).get('init_from')}) with the run's "
-                              "adapter directory (WORKDIR/adapter: generate.py --adapter, or load_peft + merge_lora)")
-    path = step_dir.absolute() / "state"
-    with ocp.PyTreeCheckpointer() as reader:
-        tree = reader.metadata(path)
-        tree = getattr(tree, "item_metadata", tree)
-        tree = dict(getattr(tree, "tree", tree))
-        where = {n: group for group in ("params", "frozen") for n in dict(tree.get(group) or {})}
-        missing = sorted(set(shapes) - set(where))
-        if missing:
-            raise CheckpointError(f"{step_dir}: the checkpoint lacks {len(missing)} parameters of the model "
-                                  f"(e.g. {missing[:3]})")
-        wrong = [f"{n}: checkpoint {tuple(tree[where[n]][n].shape)} != model {tuple(s.shape)}"
-                 for n, s in shapes.items() if tuple(getattr(tree[where[n]][n], "shape", s.shape)) != tuple(s.shape)]
-        if wrong:
-            raise CheckpointError(f"{step_dir}: {len(wrong)} parameters differ in shape (e.g. {'; '.join(wrong[:3])})")
-        item: dict[str, dict] = {}
-        for n, s in shapes.items():
-            item.setdefault(where[n], {})[n] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n])
-        restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    bad = mismatched_checksums(restored, meta.get("checksums", {}))
-    if bad:
-        raise CheckpointError(f"{step_dir}: {len(bad)} arrays differ from their checksums (e.g. {bad[0]})")
-    return {n: restored[where[n]][n] for n in shapes}
 
 
 class Checkpointer:

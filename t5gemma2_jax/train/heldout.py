@@ -9,7 +9,7 @@ from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.data.pipeline import load_tokenizer, split_path
 from t5gemma2_jax.evaluation.examples import Skipped, iter_examples
 from t5gemma2_jax.evaluation.generation import generation_eval
-from t5gemma2_jax.train.config import ExperimentConfig
+from t5gemma2_jax.experiment import ExperimentConfig
 
 SAMPLES = 3   # predictions logged with the metrics
 

@@ -16,10 +16,11 @@ import numpy as np
 
 from t5gemma2_jax.adapters import save_peft
 from t5gemma2_jax.checkpoints.export import save_export
+from t5gemma2_jax.checkpoints.run import checksums
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
+from t5gemma2_jax.experiment import ExperimentConfig
 from t5gemma2_jax.train import flops as flops_lib
-from t5gemma2_jax.train.checkpoint import Checkpointer, checksums
-from t5gemma2_jax.train.config import ExperimentConfig
+from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.data import make_batches
 from t5gemma2_jax.train.heldout import HeldOut
 from t5gemma2_jax.train.metrics import MetricsWriter, Progress

@@ -14,8 +14,8 @@ import numpy as np
 import yaml
 
 from t5gemma2_jax.config import ConfigError
-from t5gemma2_jax.train.config import ExperimentConfig
-from t5gemma2_jax.train.mesh import SetupError
+from t5gemma2_jax.experiment import ExperimentConfig
+from t5gemma2_jax.parallel import SetupError
 from t5gemma2_jax.train.state import pretrained_source
 from t5gemma2_jax.train.trainer import Trainer
 

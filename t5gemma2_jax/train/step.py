@@ -8,7 +8,6 @@ trainable parameters are differentiated; frozen ones (the SigLIP tower) are cons
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Mapping
 
 import jax
@@ -16,11 +15,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t5gemma2_jax.losses import cross_entropy
-from t5gemma2_jax.nn.rng import dropout_key
+from t5gemma2_jax.losses import batch_loss_sums
+from t5gemma2_jax.modeldef import ModelDef
+from t5gemma2_jax.ops.rng import dropout_key
+from t5gemma2_jax.parallel import BATCH_AXES, batch_sharding
 from t5gemma2_jax.sharding import Rules, axis_rules
-from t5gemma2_jax.train.mesh import BATCH_AXES, batch_sharding
-from t5gemma2_jax.train.state import ModelDef, TrainState
+from t5gemma2_jax.train.state import TrainState
 
 
 def loss_sums(model_def: ModelDef, params: dict, frozen: dict, batch: Mapping[str, jax.Array],
@@ -34,25 +34,6 @@ def loss_sums(model_def: ModelDef, params: dict, frozen: dict, batch: Mapping[st
 
 def _loss_sums(model_def, params, frozen, batch, z_loss):
     return batch_loss_sums(model_def.merge(params, frozen), batch, z_loss)
-
-
-def batch_loss_sums(model, batch: Mapping[str, jax.Array], z_loss: float = 0.0
-                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(sum of token losses incl. z-loss, (sum of cross-entropy, sum of weights)) of a packed
-    batch under `model`: the one teacher-forced loss of training, its evaluation and
-    `scripts/evaluate.py`."""
-    images = {}
-    if model.config.with_vision and "pixel_values" in batch:
-        images = dict(pixel_values=batch["pixel_values"], image_mask=batch.get("image_mask"))
-    logits = model(batch["encoder_input_ids"], batch["decoder_input_ids"],
-                   encoder_segment_ids=batch["encoder_segment_ids"],
-                   decoder_segment_ids=batch["decoder_segment_ids"],
-                   encoder_positions=batch["encoder_positions"],
-                   decoder_positions=batch["decoder_positions"], **images).logits
-    targets, weights = batch["decoder_target_ids"], batch["decoder_loss_weights"]
-    total, count = cross_entropy(logits, targets, weights, z_loss)
-    ce = cross_entropy(logits, targets, weights)[0] if z_loss else total
-    return total, (ce, count)
 
 
 def loss_and_grads(model_def: ModelDef, params: dict, frozen: dict, batch: Mapping[str, jax.Array], *,

@@ -26,14 +26,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from t5gemma2_jax.checkpoints.export import param_name
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.data.pipeline import batch_shapes
+from t5gemma2_jax.experiment import ExperimentConfig
 from t5gemma2_jax.model import T5Gemma2
+from t5gemma2_jax.modeldef import ModelDef
+from t5gemma2_jax.parallel import batch_sharding, check_batch, global_batch, make_mesh, sharding_rules
 from t5gemma2_jax.sharding import Rules, axis_rules
 from t5gemma2_jax.train import flops as flops_lib
 from t5gemma2_jax.train.checkpoint import state_bytes
-from t5gemma2_jax.train.config import ExperimentConfig
-from t5gemma2_jax.train.mesh import batch_sharding, check_batch, global_batch, make_mesh, sharding_rules
-from t5gemma2_jax.train.state import (ModelDef, TrainState, abstract_state, base_def, init_state, load_pretrained,
-                                      make_optimizer, state_from_base, state_from_params)
+from t5gemma2_jax.train.optim import make_optimizer
+from t5gemma2_jax.train.state import (TrainState, abstract_state, base_def, init_state, load_pretrained,
+                                      state_from_base, state_from_params)
 from t5gemma2_jax.train.step import CompiledParts, CompiledSteps
 
 

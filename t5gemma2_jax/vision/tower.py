@@ -3,7 +3,7 @@ post LayerNorm. No MAP head: T5Gemma 2 uses the patch outputs (`last_hidden_stat
 
 With `scan_layers=True` the L blocks are one module whose parameters carry a leading 'layers'
 axis, applied with `jax.lax.scan` (one compiled block, O(1) compile time in L); otherwise they are
-an `nnx.List` of separate blocks. `remat` names a policy of `t5gemma2_jax.nn.scan`, the same
+an `nnx.List` of separate blocks. `remat` names a policy of `t5gemma2_jax.ops.scan`, the same
 policies the text towers use.
 """
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5gemma2_jax.config import VisionConfig
-from t5gemma2_jax.nn import scan as scan_lib
+from t5gemma2_jax.ops import scan as scan_lib
 from t5gemma2_jax.vision.block import SiglipBlock
 from t5gemma2_jax.vision.embeddings import PatchEmbedding
 from t5gemma2_jax.vision.layers import LayerNorm

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from t5gemma2_jax.train.config import ExperimentConfig, from_dict
+from t5gemma2_jax.experiment import ExperimentConfig, from_dict
 from t5gemma2_jax.train.data import SyntheticBatches, make_batch
 
 LAYERS = {"num_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}

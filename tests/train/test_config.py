@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from t5gemma2_jax.config import ConfigError
-from t5gemma2_jax.train.config import ExperimentConfig, from_dict, load_config
-from t5gemma2_jax.train.mesh import sharding_rules
+from t5gemma2_jax.experiment import ExperimentConfig, from_dict, load_config
+from t5gemma2_jax.parallel import sharding_rules
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 NAMES = {"tiny", "tiny_sft", "270m-270m_pretrain", "270m-270m_sft", "1b-1b_pretrain", "1b-1b_sft",

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5gemma2_jax.nn.backends import attend, dense
-from t5gemma2_jax.nn.backends import context as context_lib
-from t5gemma2_jax.nn.masks import MaskInfo, bidirectional_window
+from t5gemma2_jax.configlib import ConfigError
+from t5gemma2_jax.ops.backends import attend, dense
+from t5gemma2_jax.ops.backends import context as context_lib
+from t5gemma2_jax.ops.masks import MaskInfo, bidirectional_window
+from t5gemma2_jax.parallel import MeshConfig
+from t5gemma2_jax.parallel import make_mesh, sharding_rules
 from t5gemma2_jax.sharding import axis_rules, length_of, sequence_axis
-from t5gemma2_jax.train.config import ConfigError, MeshConfig
-from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
 
 CONTEXT = MeshConfig(data=1, fsdp=2, context=4, tensor=1)
 
@@ -155,7 +156,7 @@ def test_config_checks_the_split():
 
 def test_context_traffic_counts_halos_gathers_and_the_decoder_gather():
     from t5gemma2_jax.config import preset
-    from t5gemma2_jax.train.mesh import context_traffic
+    from t5gemma2_jax.parallel import context_traffic
 
     m = preset("1b-1b")
     short, long = (context_traffic(m, T, 1, MeshConfig(fsdp=8, context=8)) for T in (32768, 131072))

@@ -11,9 +11,9 @@ import pytest
 
 from helpers import batch_for, small_config
 from t5gemma2_jax.config import FULL, preset
+from t5gemma2_jax.experiment import LoraConfig
+from t5gemma2_jax.modeldef import ModelDef
 from t5gemma2_jax.train import flops as F
-from t5gemma2_jax.train.config import LoraConfig
-from t5gemma2_jax.train.state import ModelDef
 from t5gemma2_jax.train.step import loss_sums
 
 LAYER_MATRICES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")

@@ -19,8 +19,8 @@ from t5gemma2_jax.checkpoints.gemma3 import config_from_gemma3
 from t5gemma2_jax.checkpoints.hf import load_hf
 from t5gemma2_jax.checkpoints.hf_config import config_to_hf
 from t5gemma2_jax.config import ConfigError, preset
+from t5gemma2_jax.experiment import from_dict
 from t5gemma2_jax.train import Trainer, load_config
-from t5gemma2_jax.train.config import from_dict
 from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]

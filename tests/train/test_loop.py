@@ -14,13 +14,15 @@ import pytest
 import yaml
 
 from helpers import ActAt, small_config
-from t5gemma2_jax.train import load_export, read_metrics, train
 from t5gemma2_jax.checkpoints.export import load_export_arrays
+from t5gemma2_jax.experiment import from_dict
+from t5gemma2_jax.modeldef import ModelDef
+from t5gemma2_jax.parallel import make_mesh, sharding_rules
+from t5gemma2_jax.train import load_export, read_metrics, train
 from t5gemma2_jax.train.checkpoint import Checkpointer
-from t5gemma2_jax.train.config import from_dict
 from t5gemma2_jax.train.data import SyntheticBatches
-from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
-from t5gemma2_jax.train.state import ModelDef, abstract_state, init_state, make_optimizer
+from t5gemma2_jax.train.optim import make_optimizer
+from t5gemma2_jax.train.state import abstract_state, init_state
 
 
 def SigtermAt(*a, at: int, **kw):

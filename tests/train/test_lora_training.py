@@ -14,9 +14,10 @@ from flax import nnx
 
 import t5gemma2_jax as tg
 from helpers import batch_for, small_config
+from t5gemma2_jax.checkpoints.run import run_checkpoint
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.train import Trainer, read_metrics, train
-from t5gemma2_jax.train.checkpoint import Checkpointer, run_checkpoint, state_bytes
+from t5gemma2_jax.train.checkpoint import Checkpointer, state_bytes
 from t5gemma2_jax.train.data import SyntheticBatches
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +121,7 @@ def test_init_from_a_training_checkpoint_equals_its_export(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_a_lora_sft_run_on_the_chat_data_lowers_the_loss(tmp_path, quantize):
-    from t5gemma2_jax.train.config import load_config
+    from t5gemma2_jax.experiment import load_config
 
     cfg = load_config(ROOT / "configs" / "tiny_lora.yaml", [
         "model.encoder.num_layers=2", "model.decoder.num_layers=2",
@@ -137,8 +138,8 @@ def test_a_lora_sft_run_on_the_chat_data_lowers_the_loss(tmp_path, quantize):
 
 @pytest.mark.slow
 def test_adapter_dropout_draws_from_the_step_key_in_training_only():
-    from t5gemma2_jax.train.config import LoraConfig
-    from t5gemma2_jax.train.state import ModelDef
+    from t5gemma2_jax.experiment import LoraConfig
+    from t5gemma2_jax.modeldef import ModelDef
     from t5gemma2_jax.train.step import loss_sums
 
     cfg = small_config()

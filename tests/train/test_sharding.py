@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from helpers import batch_for, small_config
+from t5gemma2_jax.modeldef import ModelDef
+from t5gemma2_jax.parallel import MeshConfig
+from t5gemma2_jax.parallel import batch_sharding, make_mesh, sharding_rules
 from t5gemma2_jax.sharding import axis_rules
 from t5gemma2_jax.train.checkpoint import Checkpointer
-from t5gemma2_jax.train.config import MeshConfig
-from t5gemma2_jax.train.mesh import batch_sharding, make_mesh, sharding_rules
-from t5gemma2_jax.train.state import ModelDef, abstract_state, init_state, make_optimizer
+from t5gemma2_jax.train.optim import make_optimizer
+from t5gemma2_jax.train.state import abstract_state, init_state
 from t5gemma2_jax.train.step import loss_and_grads
 
 MESHES = {"8data": (8, 1, 1), "2data_4fsdp": (2, 4, 1), "2fsdp_4tensor": (1, 2, 4)}

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from helpers import batch_for, small_config
-from t5gemma2_jax.train.config import OptimConfig
-from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
-from t5gemma2_jax.train.state import ModelDef, abstract_state, init_state, make_optimizer, make_schedule
+from t5gemma2_jax.experiment import OptimConfig
+from t5gemma2_jax.modeldef import ModelDef
+from t5gemma2_jax.parallel import make_mesh, sharding_rules
 from t5gemma2_jax.train import Trainer
+from t5gemma2_jax.train.optim import make_optimizer, make_schedule
+from t5gemma2_jax.train.state import abstract_state, init_state
 from t5gemma2_jax.train.step import loss_and_grads, loss_sums
 
 

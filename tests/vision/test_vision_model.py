@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from hf_vision_utils import export_entries, fill_random, load_entries, tiny_vision_config
-from t5gemma2_jax.config import preset
 from t5gemma2_jax.checkpoints.hf_vision import vision_hf_entries
+from t5gemma2_jax.config import preset
 from t5gemma2_jax.vision import SiglipTower, VisionEncoder
 
 
@@ -154,7 +154,7 @@ def test_leading_axes_including_zero_images():
 
 
 def test_unknown_remat_policy_is_refused():
-    from t5gemma2_jax.nn.scan import remat_policy
+    from t5gemma2_jax.ops.scan import remat_policy
 
     with pytest.raises(ValueError, match="unknown remat"):
         remat_policy("sometimes")

@@ -14,10 +14,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hf_vision_utils import tiny_vision_config
+from t5gemma2_jax.parallel import MeshConfig
+from t5gemma2_jax.parallel import make_mesh, sharding_rules
 from t5gemma2_jax.sharding import axis_rules
-from t5gemma2_jax.train.config import MeshConfig
 from t5gemma2_jax.sharding import spec_for
-from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
 from t5gemma2_jax.vision import VisionEncoder
 
 N_IMAGES = 64

@@ -19,7 +19,7 @@ from typing import Callable
 
 import jax
 
-from t5gemma2_jax.nn.masks import MaskInfo
+from t5gemma2_jax.ops.masks import MaskInfo
 from t5gemma2_jax.sharding import sequence_axis
 
 # name -> module of this package defining `attention`, or a callable (see `register`).
@@ -74,7 +74,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, *, scale: f
         backend = "dense"
     split = sequence_axis()
     if split is not None:
-        from t5gemma2_jax.nn.backends import context
+        from t5gemma2_jax.ops.backends import context
 
         if context.unsupported_reason(q, k, mask, split[1]) is None:
             return context.attention(q, k, v, mask, scale=scale, block_size=block_size, backend=get(backend),

@@ -4,7 +4,7 @@ The mesh always has the axes `('data', 'fsdp', 'context', 'tensor')` (size 1 whe
 rules and the same code run on 1 CPU device, 8 fake CPU devices, a GPU and a TPU pod. Axes are
 the classic `Auto` kind (GSPMD propagates shardings; `constrain()` in the model pins activations).
 The batch dimension is sharded over `('data', 'fsdp')`; the devices of one `context` group hold the
-same rows and split their encoder sequence (`sharding.length_of`, `nn/backends/context`).
+same rows and split their encoder sequence (`sharding.length_of`, `ops/backends/context`).
 """
 
 from __future__ import annotations
@@ -12,19 +12,59 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from t5gemma2_jax.configlib import require as _require
 from t5gemma2_jax.sharding import DEFAULT_RULES, Rules
-from t5gemma2_jax.train.config import MeshConfig
 
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh `(data, fsdp, context, tensor)`; one size may be -1 (the devices left over).
+
+    data: pure data parallelism (parameters replicated); fsdp: data parallelism with parameters
+    and optimizer state sharded (ZeRO-3); context: each row's encoder sequence split over that many
+    devices (their parameters and optimizer state sharded with fsdp's); tensor: heads / MLP / vocab
+    sharding. `dcn_data` > 1
+    spreads the data axis over that many slices (TPU multislice / GPU nodes) with the other axes
+    inside a slice. `rules` overrides entries of `t5gemma2_jax.sharding.DEFAULT_RULES`
+    (`{logical axis: mesh axis | [mesh axes] | null}`).
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    context: int = 1  # devices one row's encoder sequence is split over (context parallelism)
+    dcn_data: int = 1
+    rules: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "context": self.context, "tensor": self.tensor}
+        for name, v in sizes.items():
+            _require(v == -1 or v >= 1, f"mesh.{name}", f"must be a positive integer or -1, got {v}")
+        _require(sum(v == -1 for v in sizes.values()) <= 1, "mesh",
+                 f"at most one axis may be -1, got {sizes}")
+        _require(self.dcn_data >= 1, "mesh.dcn_data", f"must be >= 1, got {self.dcn_data}")
+        if self.dcn_data > 1 and self.data != -1:
+            _require(self.data % self.dcn_data == 0, "mesh.dcn_data",
+                     f"{self.dcn_data} must divide mesh.data={self.data}")
+        known = {k for k, _ in DEFAULT_RULES}
+        for k, v in dict(self.rules).items():
+            _require(k in known, f"mesh.rules.{k}", f"unknown logical axis; known: {sorted(known)}")
+            vals = [v] if v is None or isinstance(v, str) else list(v)
+            for a in vals:
+                _require(a is None or a in ("data", "fsdp", "context", "tensor"), f"mesh.rules.{k}",
+                         f"{a!r} is not a mesh axis (data, fsdp, context, tensor)")
 
 
 class SetupError(RuntimeError):
@@ -167,7 +207,7 @@ def context_traffic(model, encoder_length: int, rows_per_chip: float, mesh_cfg: 
     encoder output. The backward pass moves the same again (the collectives'
     transposes); full remat repeats the forward's. Zero without context parallelism."""
     from t5gemma2_jax.config import SLIDING
-    from t5gemma2_jax.nn.masks import bidirectional_window
+    from t5gemma2_jax.ops.masks import bidirectional_window
 
     c = mesh_cfg.context
     out = {"local_halo": 0.0, "global_gather": 0.0, "decoder_gather": 0.0}

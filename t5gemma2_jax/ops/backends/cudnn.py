@@ -22,8 +22,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from t5gemma2_jax.nn.backends import blockwise
-from t5gemma2_jax.nn.masks import MaskInfo, dense_mask
+from t5gemma2_jax.ops.backends import blockwise
+from t5gemma2_jax.ops.masks import MaskInfo, dense_mask
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,19 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
-from t5gemma2_jax.checkpoints.export import is_export, read_export_config
-from t5gemma2_jax.checkpoints.hf import read_hf_config
+import jax
+import numpy as np
+
+from t5gemma2_jax.checkpoints.export import (CONFIG_FILE as EXPORT_CONFIG, flat_params, is_export, load_export_arrays,
+                                             read_export_config)
+from t5gemma2_jax.checkpoints.hf import load_hf, read_hf_config
 from t5gemma2_jax.checkpoints.hf_config import config_from_hf
+from t5gemma2_jax.checkpoints.run import load_run_params, read_run_meta, run_checkpoint
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.configlib import ConfigError, load_yaml
-from t5gemma2_jax.train.checkpoint import read_run_meta, run_checkpoint
 
 RUN_CONFIG = "config.yaml"   # the resolved config a run writes into its work directory
 
@@ -43,7 +48,7 @@ class Source:
         return self.kind == "adapter" or "base_checksums" in (self.meta or {})
 
     def run_config(self) -> dict | None:
-        """The training config (raw, as `train.config.from_dict` takes it) the checkpoint was
+        """The training config (raw, as `ExperimentConfig.from_dict` takes it) the checkpoint was
         written with, or None when the path is no run's."""
         if self.meta is not None and "config" in self.meta:
             return self.meta["config"]
@@ -62,6 +67,32 @@ class Source:
         if self.kind == "export":
             return read_export_config(self.path)
         return config_from_hf(read_hf_config(self.path))
+
+    def read_params(self, config: T5Gemma2Config, shapes: dict[str, jax.ShapeDtypeStruct],
+                    shardings: dict[str, Any] | None = None) -> dict[str, jax.Array]:
+        """The parameters named in `shapes` (flat, by `param_name`), placed with `shardings`
+        (default: the first local device): the one reader of a checkpoint's weights for
+        `train.init_from` and `load`. A Hugging Face checkpoint is built as `config` lays it out
+        (dtypes, scanned layers, with or without the vision tower)."""
+        if self.kind == "run":
+            return load_run_params(self.path, shapes, shardings)
+        if self.kind == "export":
+            return load_export_arrays(self.path, shapes, shardings)
+        if self.kind != "hf":
+            raise CheckpointError(f"{self.path}: a LoRA run's adapter directory holds no model parameters")
+        with jax.default_device(jax.devices("cpu")[0]):  # host memory, not one accelerator
+            model = load_hf(self.path, dtype=config.dtype, param_dtype=config.param_dtype,
+                            text_only=not config.with_vision, scan_layers=config.scan_layers, remat=config.remat)
+        flat = {n: np.asarray(v) for n, v in flat_params(model).items()}
+        del model
+        missing = sorted(set(shapes) - set(flat))
+        if missing:
+            raise CheckpointError(f"{self.path}: the checkpoint lacks {len(missing)} parameters of the model "
+                                  f"(e.g. {missing[:3]})")
+        if shardings is None:
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = {n: dev for n in shapes}
+        return {n: jax.device_put(flat.pop(n), shardings[n]) for n in shapes}
 
     def base_path(self) -> str:
         """A LoRA run's base: its `train.init_from`."""
@@ -93,5 +124,5 @@ def find_source(path: str | os.PathLike, *, what: str = "--checkpoint") -> Sourc
     if (p / "checkpoints").is_dir():
         raise ConfigError(f"{what} {p}: the work directory has no complete checkpoint yet")
     raise ConfigError(f"{what} {p}: neither a training work directory, a step directory "
-                      "(checkpoints/<step>), a params export (export_config.json) nor a Hugging Face "
+                      f"(checkpoints/<step>), a params export ({EXPORT_CONFIG}) nor a Hugging Face "
                       "directory (config.json)")

@@ -24,8 +24,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
-from t5gemma2_jax.nn.backends import target_platform
-from t5gemma2_jax.nn.masks import MaskInfo
+from t5gemma2_jax.ops.backends import target_platform
+from t5gemma2_jax.ops.masks import MaskInfo
 from t5gemma2_jax.sharding import spec_for
 
 _Q_PAD, _KV_PAD = -1, -2        # segment ids of padding rows/columns (never equal)

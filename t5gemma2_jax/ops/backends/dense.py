@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from t5gemma2_jax.nn.masks import MASK_VALUE, MaskInfo, dense_mask
+from t5gemma2_jax.ops.masks import MASK_VALUE, MaskInfo, dense_mask
 
 
 def attention(q, k, v, mask: MaskInfo, scale: float, block_size: int = 0) -> jax.Array:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from t5gemma2_jax.nn import rng
+from t5gemma2_jax.ops import rng
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
@@ -102,7 +102,7 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> n
 
 def scan(module: nnx.Module, step: Callable, carry: Any, xs: Any = None, *, remat_name: str = "none"):
     """`jax.lax.scan` of `step(layer, carry, x) -> (carry, y)` over the stacked `module`'s layers
-    (and the leading axis of `xs`); returns `(carry, ys)`. Under a dropout key (`nn.rng`) each
+    (and the leading axis of `xs`); returns `(carry, ys)`. Under a dropout key (`ops.rng`) each
     layer gets its own."""
     graphdef, state = nnx.split(module)
     keys = rng.layer_keys(jax.tree.leaves(state)[0].shape[0])

@@ -38,6 +38,7 @@ from t5gemma2_jax.config import (PRESETS, RUNTIME_FIELDS, SHAPE_FIELDS, ConfigEr
                                  default_layer_types, preset, same_value)
 from t5gemma2_jax.configlib import require as _require
 from t5gemma2_jax.data.config import DataConfig
+from t5gemma2_jax.parallel import MeshConfig
 
 SECTIONS = ("model", "data", "mesh", "optim", "train", "lora")
 QUANTIZE_BASE = ("none", "int8", "nf4")
@@ -45,46 +46,6 @@ SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 DATA_SOURCES = ("pipeline", "synthetic")
 DISTRIBUTED = ("auto", "on", "off")
 MU_DTYPES = ("float32", "bfloat16")
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh `(data, fsdp, context, tensor)`; one size may be -1 (the devices left over).
-
-    data: pure data parallelism (parameters replicated); fsdp: data parallelism with parameters
-    and optimizer state sharded (ZeRO-3); context: each row's encoder sequence split over that many
-    devices (their parameters and optimizer state sharded with fsdp's); tensor: heads / MLP / vocab
-    sharding. `dcn_data` > 1
-    spreads the data axis over that many slices (TPU multislice / GPU nodes) with the other axes
-    inside a slice. `rules` overrides entries of `t5gemma2_jax.sharding.DEFAULT_RULES`
-    (`{logical axis: mesh axis | [mesh axes] | null}`).
-    """
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    context: int = 1  # devices one row's encoder sequence is split over (context parallelism)
-    dcn_data: int = 1
-    rules: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        sizes = {"data": self.data, "fsdp": self.fsdp, "context": self.context, "tensor": self.tensor}
-        for name, v in sizes.items():
-            _require(v == -1 or v >= 1, f"mesh.{name}", f"must be a positive integer or -1, got {v}")
-        _require(sum(v == -1 for v in sizes.values()) <= 1, "mesh",
-                 f"at most one axis may be -1, got {sizes}")
-        _require(self.dcn_data >= 1, "mesh.dcn_data", f"must be >= 1, got {self.dcn_data}")
-        if self.dcn_data > 1 and self.data != -1:
-            _require(self.data % self.dcn_data == 0, "mesh.dcn_data",
-                     f"{self.dcn_data} must divide mesh.data={self.data}")
-        from t5gemma2_jax.sharding import DEFAULT_RULES
-        known = {k for k, _ in DEFAULT_RULES}
-        for k, v in dict(self.rules).items():
-            _require(k in known, f"mesh.rules.{k}", f"unknown logical axis; known: {sorted(known)}")
-            vals = [v] if v is None or isinstance(v, str) else list(v)
-            for a in vals:
-                _require(a is None or a in ("data", "fsdp", "context", "tensor"), f"mesh.rules.{k}",
-                         f"{a!r} is not a mesh axis (data, fsdp, context, tensor)")
 
 
 @dataclass(frozen=True)
@@ -305,9 +266,9 @@ def _check_model(cfg: ExperimentConfig, m: T5Gemma2Config) -> None:
     if cfg.mesh.context > 1:
         _require(d.encoder_length % cfg.mesh.context == 0, "data.encoder_length",
                  f"{d.encoder_length} is not divisible by mesh.context={cfg.mesh.context}")
-        from t5gemma2_jax.nn.masks import bidirectional_window
+        from t5gemma2_jax.ops.masks import bidirectional_window
 
-        # The halo comes from the neighbouring devices only (`nn/backends/context`).
+        # The halo comes from the neighbouring devices only (`ops/backends/context`).
         chunk, side = d.encoder_length // cfg.mesh.context, max(bidirectional_window(m.encoder.sliding_window))
         _require(chunk >= side, "mesh.context",
                  f"{cfg.mesh.context} leaves {chunk} encoder positions per device, fewer than half the "
@@ -359,7 +320,7 @@ def _from_checkpoint(spec: ModelSpec, configured: T5Gemma2Config, path: str) -> 
     for one size); the preset's other values (RoPE, eps, max positions, token ids) are the
     checkpoint's, so a checkpoint adapted with other settings needs no override."""
     # Imported here so that reading a config file does not load the checkpoint readers.
-    from t5gemma2_jax.train.sources import find_source
+    from t5gemma2_jax.checkpoints.sources import find_source
 
     checkpoint = find_source(path, what="train.init_from").model_config()
     given = _given_differences(spec.overrides, checkpoint)

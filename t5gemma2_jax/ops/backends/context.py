@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from t5gemma2_jax.nn.masks import MaskInfo
+from t5gemma2_jax.ops.masks import MaskInfo
 from t5gemma2_jax.sharding import spec_for
 
 _NO_SEGMENT = -1      # halo keys beyond either end of the sequence: no query has this segment id

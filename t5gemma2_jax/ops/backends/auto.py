@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import jax
 
-from t5gemma2_jax.nn.backends import get, target_platform
-from t5gemma2_jax.nn.masks import MaskInfo
+from t5gemma2_jax.ops.backends import get, target_platform
+from t5gemma2_jax.ops.masks import MaskInfo
 
 # Keys per query from which blockwise beats dense on CPU, forward and forward + backward, for the
 # tiny and 270m-270m head layouts at the default block size (512): docs/benchmarks.md, "Attention
@@ -42,12 +42,12 @@ def choose(q: jax.Array, k: jax.Array, mask: MaskInfo, block_size: int = 512,
     B, T = q.shape[:2]
     S = k.shape[1]
     if platform == "tpu" and T >= SPLASH_MIN_QUERIES:
-        from t5gemma2_jax.nn.backends.splash import splash_unsupported_reason
+        from t5gemma2_jax.ops.backends.splash import splash_unsupported_reason
 
         if splash_unsupported_reason(q, mask, block_size) is None:
             return "splash"
     if platform == "gpu" and B * T * S * q.dtype.itemsize <= CUDNN_MAX_MASK_BYTES:
-        from t5gemma2_jax.nn.backends.cudnn import cudnn_unsupported_reason, gpu_compute_capability
+        from t5gemma2_jax.ops.backends.cudnn import cudnn_unsupported_reason, gpu_compute_capability
 
         if cudnn_unsupported_reason(q, k, gpu_compute_capability()) is None:
             return "cudnn"

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from t5gemma2_jax.nn.masks import MASK_VALUE, MaskInfo, allowed
+from t5gemma2_jax.ops.masks import MASK_VALUE, MaskInfo, allowed
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int, value) -> jax.Array:
