@@ -9,7 +9,9 @@ difference; docs/benchmarks.md has the numbers). The tunable is read only when a
 a script that runs without it replaces itself (`execve`, same pid, same arguments and
 environment) with a copy that has it. Set `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to keep the
 kernel's default pages; any `glibc.malloc.hugetlb` value already set is left as it is. A no-op
-off Linux/glibc and for processes embedded in others (tests call `main(argv)` directly).
+off Linux/glibc and for processes embedded in others (tests call `main(argv)` directly), and on a
+host with a TPU or GPU: there the step runs on the accelerator, whose memory glibc does not serve,
+so a pod's or cluster's run starts as it was launched (`accelerator`).
 
 This lives beside the scripts rather than in the package because it must run before the package
 (and JAX) is imported, or the process would pay that import twice.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb"
 
@@ -35,13 +38,38 @@ def _glibc_reads_it() -> bool:
     return libc == "glibc" and (major, minor) >= (2, 35)
 
 
-def environment(on: bool = True, environ=os.environ) -> dict[str, str] | None:
+def accelerator(environ=os.environ, root: str = "/") -> str | None:
+    """The accelerator JAX would run on here ("tpu", "gpu", or a `JAX_PLATFORMS` name), or None
+    for a CPU-only host. Looked up without importing JAX (this runs before it): `JAX_PLATFORMS`
+    when set; else a TPU's devices (`/dev/accel*`, `/dev/vfio/<group>`, Google's PCI vendor id
+    0x1ae0, as JAX's own TPU detection) or a GPU driver's (`/dev/nvidiactl`, `/dev/kfd`)."""
+    names = {p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()}
+    if names:
+        return None if names <= {"cpu"} else sorted(names - {"cpu"})[0]
+    r = Path(root)
+    if any(r.glob("dev/accel[0-9]*")) or any(p.name.isdigit() for p in r.glob("dev/vfio/*")):
+        return "tpu"
+    for vendor in r.glob("sys/bus/pci/devices/*/vendor"):
+        try:
+            if vendor.read_text().strip().lower() == "0x1ae0":
+                return "tpu"
+        except OSError:
+            continue
+    if (r / "dev" / "nvidiactl").exists() or (r / "dev" / "kfd").exists():
+        return "gpu"
+    return None
+
+
+def environment(on: bool = True, environ=os.environ, root: str = "/") -> dict[str, str] | None:
     """The environment to restart with: `environ` with the tunable set to 1 (`on`, unless a
     value is there already: the user's choice stands) or to 0 (`on=False`, replacing any value),
-    the other tunables kept; None where nothing would change or glibc would not read it."""
+    the other tunables kept; None where nothing would change, glibc would not read it, or (`on`)
+    the host has an accelerator."""
     items = [t.partition("=") for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     current = next((value for name, _, value in items if name == TUNABLE), None)
     if not _glibc_reads_it() or (current is not None if on else current == "0"):
+        return None
+    if on and accelerator(environ, root) is not None:
         return None
     kept = ["".join(item) for item in items if item[0] != TUNABLE]
     return {**environ, "GLIBC_TUNABLES": ":".join(kept + [f"{TUNABLE}={int(on)}"])}

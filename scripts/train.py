@@ -84,9 +84,7 @@ def _init_from(cfg) -> str:
     """What --check read of train.init_from (its config, not its weights)."""
     if cfg.train.init_from is None:
         return ""
-    from t5gemma2_jax.checkpoints.sources import find_source
-
-    src = find_source(cfg.train.init_from, what="train.init_from")
+    src = cfg.init_source
     return f", model from train.init_from ({src.kind}: {src.path})"
 
 

@@ -36,7 +36,8 @@ from t5gemma2_jax.checkpoints.hf import hf_entries
 from t5gemma2_jax.checkpoints.peft import Site, all_sites
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.model import T5Gemma2
-from t5gemma2_jax.nn.lora import LoRA, kernel
+from t5gemma2_jax.nn.lora import LoRA
+from t5gemma2_jax.nn.project import kernel
 from t5gemma2_jax.nn.quant import QUANTIZATIONS, QuantizedKernel
 
 TEXT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -27,9 +27,10 @@ value read as YAML (`train.steps=200`, `optim.learning_rate=1e-4`, `data.train=n
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
 
@@ -39,6 +40,9 @@ from t5gemma2_jax.config import (PRESETS, RUNTIME_FIELDS, SHAPE_FIELDS, ConfigEr
 from t5gemma2_jax.configlib import require as _require
 from t5gemma2_jax.data.config import DataConfig
 from t5gemma2_jax.parallel import MeshConfig
+
+if TYPE_CHECKING:
+    from t5gemma2_jax.checkpoints.sources import Source
 
 SECTIONS = ("model", "data", "mesh", "optim", "train", "lora")
 QUANTIZE_BASE = ("none", "int8", "nf4")
@@ -170,7 +174,15 @@ class ModelSpec:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def build(self) -> T5Gemma2Config:
-        return _build_model_config(self.preset, dict(self.overrides))
+        return self._built
+
+    @functools.cached_property
+    def _built(self) -> T5Gemma2Config:
+        # Built once per spec: validation, `model_config()` and the trainer share it.
+        try:
+            return _build_model_config(self.preset, dict(self.overrides))
+        except ConfigError as e:
+            raise ConfigError(f"model: {e}") from None
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, **configlib.plain(dict(self.overrides))}
@@ -189,15 +201,32 @@ class ExperimentConfig:
         """The model config: the preset with the `model.*` overrides or, with `train.init_from`, the
         checkpoint's own architecture with the config's runtime fields (`_from_checkpoint`);
         `with_vision` follows the data (images on) unless set explicitly. With `train.init_from`
-        this reads the checkpoint's config (not its weights) and checks it against the data."""
+        this reads the checkpoint's config (not its weights) and checks it against the data.
+        Resolved once per config object; every later call returns the same config."""
+        return self._model_config
+
+    @functools.cached_property
+    def _model_config(self) -> T5Gemma2Config:
         cfg = self.model.build()
         if "with_vision" not in self.model.overrides:
             cfg = cfg.replace(with_vision=self.data.images_enabled)
-        if self.train.init_from is None:
+        if self.init_source is None:
             return cfg
-        cfg = _from_checkpoint(self.model, cfg, self.train.init_from)
+        cfg = _from_checkpoint(self.model, cfg, self.init_source)
         _check_model(self, cfg)
         return cfg
+
+    @functools.cached_property
+    def init_source(self) -> "Source | None":
+        """What `train.init_from` names (`checkpoints.sources.find_source`), opened once per config
+        object (its config, not its weights): the model config, `--check` and the trainer's
+        starting state all read this one."""
+        if self.train.init_from is None:
+            return None
+        # Imported here so that reading a config file does not load the checkpoint readers.
+        from t5gemma2_jax.checkpoints.sources import find_source
+
+        return find_source(self.train.init_from, what="train.init_from")
 
     def to_dict(self) -> dict:
         """Plain YAML-able dict; `load_config` reads it back to an equal config."""
@@ -291,10 +320,7 @@ def _model_spec(raw: Mapping[str, Any]) -> ModelSpec:
     name = raw.pop("preset", "tiny")
     _require(isinstance(name, str) and name in PRESETS, "model.preset", f"{name!r} not in {PRESETS}")
     spec = ModelSpec(preset=name, overrides=configlib.check_overrides(preset(name), raw, "model"))
-    try:
-        spec.build()
-    except ConfigError as e:
-        raise ConfigError(f"model: {e}") from None
+    spec.build()
     return spec
 
 
@@ -313,16 +339,14 @@ def _build_model_config(name: str, overrides: dict) -> T5Gemma2Config:
     return cfg.replace(**changes) if changes else cfg
 
 
-def _from_checkpoint(spec: ModelSpec, configured: T5Gemma2Config, path: str) -> T5Gemma2Config:
+def _from_checkpoint(spec: ModelSpec, configured: T5Gemma2Config, src: "Source") -> T5Gemma2Config:
     """The architecture of the checkpoint at `path` with the runtime fields (`RUNTIME_FIELDS`:
     dtype, remat, ...) of `configured`. The `model.*` fields given explicitly must be the
     checkpoint's, and the preset must be its size (the batch, mesh and remat of a config are chosen
     for one size); the preset's other values (RoPE, eps, max positions, token ids) are the
     checkpoint's, so a checkpoint adapted with other settings needs no override."""
-    # Imported here so that reading a config file does not load the checkpoint readers.
-    from t5gemma2_jax.checkpoints.sources import find_source
-
-    checkpoint = find_source(path, what="train.init_from").model_config()
+    path = src.path
+    checkpoint = src.model_config()
     given = _given_differences(spec.overrides, checkpoint)
     if given:
         raise ConfigError(f"train.init_from: {path} has another architecture than the model.* fields given "

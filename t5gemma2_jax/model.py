@@ -18,8 +18,6 @@ input shape (`compile_on_first_use`); called while tracing (inside `jax.jit`, `n
 from __future__ import annotations
 
 import functools
-import inspect
-from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -32,70 +30,19 @@ from t5gemma2_jax.nn.layers import LayerContext
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.nn.rope import rope_angles
 from t5gemma2_jax.nn.stack import LayerStack
+from t5gemma2_jax.ops import compiled
 from t5gemma2_jax.ops.masks import MaskInfo, bidirectional_window, causal_window
-from t5gemma2_jax.ops.rng import current_dropout_key, dropout_key
-from t5gemma2_jax.sharding import constrain, current_rules, length_of
-
-F = TypeVar("F", bound=Callable)
-# Compiled programs kept, one per (function, model structure, static arguments); each holds one
-# executable per input shape.
-_PROGRAMS = 64
+from t5gemma2_jax.sharding import constrain, length_of
 
 
-def _as_array(x):
-    """Nested lists of ids become arrays, so that jit sees one argument, not a tree of scalars."""
-    return np.asarray(x) if isinstance(x, (list, tuple)) else x
+def _check_images(model: "T5Gemma2", arguments: dict) -> None:
+    # Inside the compiled program the placeholders' values are unknown: check them before.
+    if arguments.get("pixel_values") is not None:
+        model.check_image_inputs(arguments["input_ids"], arguments["pixel_values"], arguments.get("image_mask"))
 
 
-def _is_static(x) -> bool:
-    return isinstance(x, (bool, int, float, str))
-
-
-def _traced(tree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
-
-
-@functools.lru_cache(maxsize=_PROGRAMS)
-def _program(fn: Callable, graphdef, static: tuple, rules) -> Callable:
-    # `rules` is part of the key because `constrain` reads them while tracing, from outside jit's view.
-    del rules
-
-    @jax.jit
-    def run(state, args, kwargs, key):
-        with dropout_key(key):
-            return fn(nnx.merge(graphdef, state), *args, **kwargs, **dict(static))
-
-    return run
-
-
-def compile_on_first_use(fn: F) -> F:
-    """`fn(model, *arrays, **kwargs)` through a cached `jax.jit` of its functional form.
-
-    A call with concrete arrays splits the model (`nnx.split`) and runs the program compiled for
-    its structure, its static keyword arguments (Python bools, numbers, strings) and the shapes of
-    its arrays; the parameters are an argument, so new values reuse the program. A call that sees
-    a tracer (in the arguments, the model's state or the dropout key, i.e. inside a transformation)
-    runs `fn` as it is. Image placeholders are checked against `pixel_values` before compiling,
-    since inside the program their values are unknown.
-    """
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def call(model, *args, **kwargs):
-        args = tuple(_as_array(a) for a in args)
-        kwargs = {k: _as_array(v) for k, v in kwargs.items()}
-        key = current_dropout_key()
-        graphdef, state = nnx.split(model)
-        arrays = {k: v for k, v in kwargs.items() if not _is_static(v)}
-        if _traced((state, args, arrays, key)):
-            return fn(model, *args, **kwargs)
-        bound = signature.bind(model, *args, **kwargs).arguments
-        if bound.get("pixel_values") is not None:
-            model.check_image_inputs(bound["input_ids"], bound["pixel_values"], bound.get("image_mask"))
-        static = tuple(sorted((k, v) for k, v in kwargs.items() if _is_static(v)))
-        return _program(fn, graphdef, static, current_rules())(state, args, arrays, key)
-
-    return call
+# A model call with concrete arrays runs one compiled program per input shape (`ops.compiled`).
+compile_on_first_use = functools.partial(compiled.compile_on_first_use, check=_check_images)
 
 
 @struct.dataclass
@@ -208,7 +155,7 @@ class T5Gemma2(nnx.Module):
         else:
             raise ValueError(f"pixel_values must be [num_images, C, H, W] or [batch, max_images, C, H, W], "
                              f"got shape {np.shape(pixel_values)}")
-        if not _traced((input_ids, images)):
+        if not compiled.traced((input_ids, images)):
             check_image_placeholders(np.asarray(input_ids), images if isinstance(images, int) else np.asarray(images),
                                      self.config.mm_tokens_per_image, self.config.image_token_id)
 
@@ -267,10 +214,13 @@ class T5Gemma2(nnx.Module):
         # whole keys (its causal and merged masks run unsplit, `ops/backends/context`).
         with length_of("decoder_length"):
             logits = self.output_head.decode(self.decoder(constrain(y, ("batch", "length", "embed")), ctx))
+        return self.soft_cap(logits)
+
+    def soft_cap(self, logits: jax.Array) -> jax.Array:
+        """`cap * tanh(logits / cap)` with the decoder's `final_logit_softcap` (identity when None):
+        the one place the head's cap is applied, for training, scoring and every decoding path."""
         cap = self.config.decoder.final_logit_softcap
-        if cap is not None:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
 
     @property
     def decoder_input_embedder(self) -> Embedder:
@@ -305,11 +255,7 @@ class T5Gemma2(nnx.Module):
 
     def step_logits(self, hidden: jax.Array) -> jax.Array:
         """The head on `decode_hidden`'s output: logits `[B, V]` (soft-capped when configured)."""
-        logits = self.output_head.decode(hidden[:, None])[:, 0]
-        cap = self.config.decoder.final_logit_softcap
-        if cap is not None:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
+        return self.soft_cap(self.output_head.decode(hidden[:, None])[:, 0])
 
     def decode_hidden(self, tokens: jax.Array, cache: dict, layers=None) -> tuple[jax.Array, dict]:
         """`decode_step` up to the head: the decoder's normed output `[B, D]` and the new cache."""

@@ -11,9 +11,9 @@ from flax import nnx
 
 import t5gemma2_jax as tg
 from t5gemma2_jax.generation import score
-from t5gemma2_jax.model import _program
 from t5gemma2_jax.ops import backends
 from t5gemma2_jax.ops.backends import dense
+from t5gemma2_jax.ops.compiled import _program
 from t5gemma2_jax.ops.rng import dropout_key
 from t5gemma2_jax.sharding import axis_rules
 

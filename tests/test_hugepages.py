@@ -37,6 +37,40 @@ def test_nothing_changes_off_linux(monkeypatch):
     assert hugepages.environment(environ={}) is None
 
 
+def _tree(root, *paths, vendor=None):
+    for p in paths:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).touch()
+    if vendor:
+        d = root / "sys/bus/pci/devices/0000:00:04.0"
+        d.mkdir(parents=True)
+        (d / "vendor").write_text(vendor + "\n")
+    return str(root)
+
+
+def test_accelerators_are_found_as_jax_finds_them(tmp_path):
+    find = hugepages.accelerator
+    assert find({}, _tree(tmp_path / "cpu", "dev/null", "dev/vfio/vfio", vendor="0x1af4")) is None
+    assert find({}, _tree(tmp_path / "v4", "dev/accel0")) == "tpu"
+    assert find({}, _tree(tmp_path / "v6e", "dev/vfio/0", "dev/vfio/vfio")) == "tpu"
+    assert find({}, _tree(tmp_path / "pci", vendor="0x1ae0")) == "tpu"
+    assert find({}, _tree(tmp_path / "h100", "dev/nvidiactl", "dev/nvidia0")) == "gpu"
+    # JAX_PLATFORMS decides when set, whatever the devices.
+    assert find({"JAX_PLATFORMS": "cpu"}, str(tmp_path / "v4")) is None
+    assert find({"JAX_PLATFORMS": "cuda,cpu"}, str(tmp_path / "cpu")) == "cuda"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc >= 2.35 on Linux only")
+def test_a_pod_or_gpu_run_starts_as_launched(tmp_path):
+    """The pod entry point never re-executes itself on an accelerator host (the tunable is CPU tuning)."""
+    assert hugepages.environment(environ={}, root=_tree(tmp_path / "tpu", "dev/vfio/0")) is None
+    assert hugepages.environment(environ={}, root=_tree(tmp_path / "gpu", "dev/nvidiactl")) is None
+    assert hugepages.environment(environ={"JAX_PLATFORMS": "tpu"}, root=str(tmp_path)) is None
+    # Turning it off (the benchmark's side-by-side run) is still honoured.
+    assert hugepages.environment(False, environ={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+                                 root=str(tmp_path / "tpu"))["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
 @pytest.mark.skipif(not GLIBC, reason="glibc >= 2.35 on Linux only")
 def test_a_script_restarts_itself_once_with_the_same_pid_and_arguments(tmp_path):
     script = tmp_path / "probe.py"

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from jaxprs import dot_equations
+from t5gemma2_jax.nn.cpu_matmul import _split_equation, flattens_tokens, token_matmul
 from t5gemma2_jax.nn.embed import Embedder
-from t5gemma2_jax.nn.lora import _split_equation, flattens_tokens, token_matmul
 from t5gemma2_jax.nn.mlp import geglu
 
 

@@ -22,7 +22,7 @@ from t5gemma2_jax.generation.beam import beam_search
 from t5gemma2_jax.generation.controls import initial_seen, make_controls, mark_seen
 from t5gemma2_jax.generation.head import screen, screened_greedy
 from t5gemma2_jax.generation.loop import loop_layers
-from t5gemma2_jax.generation.sampling import greedy, process_logits
+from t5gemma2_jax.generation.sampling import check_options, next_token
 
 METHODS = ("greedy", "sample", "beam")
 
@@ -44,18 +44,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, *, max_ne
     log-probabilities, as there).
     """
     cfg = model.config
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if method == "sample" and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if method == "beam" and num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    check_options(method, METHODS, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, num_beams=num_beams)
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape [batch, length>0], got {input_ids.shape}")
@@ -63,13 +53,12 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, *, max_ne
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, expected {input_ids.shape}")
     if pixel_values is not None:
-        from t5gemma2_jax.vision import check_image_placeholders
         pixel_values = np.asarray(pixel_values, np.float32)
-        images = pixel_values.shape[0] if pixel_values.ndim == 4 else (
-            np.ones(pixel_values.shape[:2], bool) if image_mask is None else np.asarray(image_mask, bool))
-        check_image_placeholders(input_ids, images, cfg.mm_tokens_per_image, cfg.image_token_id)
-        if pixel_values.ndim == 5 and image_mask is None:
-            image_mask = images
+        if image_mask is not None:
+            image_mask = np.asarray(image_mask, bool)
+        elif pixel_values.ndim == 5:
+            image_mask = np.ones(pixel_values.shape[:2], bool)
+        model.check_image_inputs(input_ids, pixel_values, image_mask)
     eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
     controls = make_controls(vocab_size=cfg.vocab_size, eos_id=eos_id, suppress_tokens=suppress_tokens,
                              min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
@@ -137,13 +126,11 @@ def _decode_loop(model, enc, enc_seg, rng, o):
             return t + 1, nxt, done | (nxt == o["eos_id"]), cache, tokens, scores, rng, mark_seen(seen, nxt)
         logits, cache = model.decode_step(last, cache, layers)
         logits = controls.apply(logits.astype(jnp.float32), t, seen)
-        if o["method"] == "greedy":
-            chosen_from = logits
-            nxt = greedy(logits)
-        else:
+        key = None
+        if o["method"] != "greedy":
             rng, key = jax.random.split(rng)
-            chosen_from = process_logits(logits, temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])
-            nxt = jax.random.categorical(key, chosen_from, axis=-1).astype(jnp.int32)
+        nxt, chosen_from = next_token(logits, key, method=o["method"], temperature=o["temperature"],
+                                      top_k=o["top_k"], top_p=o["top_p"])
         nxt = jnp.where(done, o["pad_id"], nxt)
         tokens = tokens.at[:, t].set(nxt)
         if o["return_scores"]:

@@ -49,11 +49,6 @@ def screen(model) -> tuple[jax.Array, jax.Array] | None:
     return table.astype(jnp.bfloat16), jnp.sqrt(jnp.max(jnp.sum(table * table, axis=1)))
 
 
-def _capped(model, logits: jax.Array) -> jax.Array:
-    cap = model.config.decoder.final_logit_softcap
-    return logits if cap is None else jnp.tanh(logits / cap) * cap
-
-
 def screened_greedy(model, hidden: jax.Array, screened: tuple[jax.Array, jax.Array], controls: LogitControls,
                     t: jax.Array, seen: jax.Array | None) -> jax.Array:
     """`greedy(controls.apply(model.step_logits(hidden), t, seen))`, `[B]` int32, reading the
@@ -63,13 +58,13 @@ def screened_greedy(model, hidden: jax.Array, screened: tuple[jax.Array, jax.Arr
     x = hidden.astype(jnp.float32)
     dims = (((1,), (1,)), ((), ()))
     approx = jax.lax.dot_general(x.astype(jnp.bfloat16), table16, dims, preferred_element_type=jnp.float32)
-    approx = controls.apply(_capped(model, approx), t, seen)
+    approx = controls.apply(model.soft_cap(approx), t, seen)
     # The barrier keeps XLA:CPU's top-k kernel: slicing its outputs directly turns it into a sort
     # of the whole vocabulary (100 ms for two rows of 262k).
     top, ids = jax.lax.optimization_barrier(jax.lax.top_k(approx, CANDIDATES + 1))
     cand = jnp.sort(ids[:, :CANDIDATES], axis=1)           # by id: the first maximum is argmax's
     exact = jnp.einsum("BD,BKD->BK", x, jnp.take(table, cand, axis=0))
-    exact = controls.apply_at(_capped(model, exact), cand, t, seen)
+    exact = controls.apply_at(model.soft_cap(exact), cand, t, seen)
     pick = jnp.argmax(exact, axis=1)
     best = jnp.take_along_axis(exact, pick[:, None], axis=1)[:, 0]
     second = jnp.max(jnp.where(jnp.arange(CANDIDATES) == pick[:, None], -jnp.inf, exact), axis=1)

@@ -34,3 +34,31 @@ def process_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int | 
         drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
         logits = jnp.where(drop, NEG_INF, logits)
     return logits
+
+
+def next_token(logits: jax.Array, key: jax.Array | None, *, method: str, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """(`[B]` int32 next tokens, the `[B, V]` logits they were chosen from) for `logits` after the
+    controls: greedy, or a draw with `key` after temperature, top-k and top-p. The one choice of the
+    next token for `generate` and `generate_stream`."""
+    if method == "greedy":
+        return greedy(logits), logits
+    chosen_from = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(key, chosen_from, axis=-1).astype(jnp.int32), chosen_from
+
+
+def check_options(method: str, methods: tuple[str, ...], *, max_new_tokens, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, num_beams: int = 1) -> None:
+    """ValueError naming the first generation option out of range."""
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if method == "sample" and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if method == "beam" and num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")

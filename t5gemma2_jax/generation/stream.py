@@ -17,7 +17,7 @@ from flax import nnx
 
 from t5gemma2_jax.generation.controls import LogitControls, initial_seen, make_controls, mark_seen
 from t5gemma2_jax.generation.loop import loop_block_states
-from t5gemma2_jax.generation.sampling import greedy, process_logits
+from t5gemma2_jax.generation.sampling import check_options, next_token
 
 
 @functools.lru_cache(maxsize=8)
@@ -35,11 +35,7 @@ def _functions(graphdef, max_new_tokens: int, method: str, temperature: float, t
         layers = None if blocks is None else model.decoder.stack.decode_layers(blocks)
         logits, cache = model.decode_step(last, cache, layers)
         logits = controls.apply(logits.astype(jnp.float32), t, seen)
-        if method == "greedy":
-            nxt = greedy(logits)
-        else:
-            logits = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-            nxt = jax.random.categorical(key, logits, -1).astype(jnp.int32)
+        nxt, _ = next_token(logits, key, method=method, temperature=temperature, top_k=top_k, top_p=top_p)
         return nxt, cache, mark_seen(seen, nxt)
 
     return start, step
@@ -52,8 +48,8 @@ def generate_stream(model, input_ids, attention_mask=None, pixel_values=None, *,
                     repetition_penalty: float = 1.0) -> Iterator[np.ndarray]:
     """Yield `[B]` token ids per step until every row has emitted eos or `max_new_tokens` is reached.
     Rows that already finished yield pad. The controls are `generate`'s."""
-    if method not in ("greedy", "sample"):
-        raise ValueError(f"streaming supports method 'greedy' or 'sample', got {method!r}")
+    check_options(method, ("greedy", "sample"), max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p)
     cfg = model.config
     controls = make_controls(vocab_size=cfg.vocab_size, eos_id=cfg.eos_token_id, suppress_tokens=suppress_tokens,
                              min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)

@@ -13,8 +13,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import TextConfig
-from t5gemma2_jax.nn.lora import project
 from t5gemma2_jax.nn.norm import RMSNorm
+from t5gemma2_jax.nn.project import project
 from t5gemma2_jax.nn.rope import apply_rope
 from t5gemma2_jax.ops.backends import attend
 from t5gemma2_jax.ops.masks import MASK_VALUE, MaskInfo, dense_mask

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t5gemma2_jax.nn.lora import flattens_tokens
+from t5gemma2_jax.nn.cpu_matmul import flattens_tokens
 from t5gemma2_jax.sharding import constrain
 
 
@@ -37,7 +37,7 @@ class Embedder(nnx.Module):
         """Tied LM head: `[B, T, D] -> [B, T, V]` logits in the compute dtype."""
         table = self.table[...].astype(self.dtype)
         if flattens_tokens() and x.ndim == 3:
-            # One 2-D matmul over the flattened tokens (see `nn.lora.token_matmul`): XLA:CPU
+            # One 2-D matmul over the flattened tokens (see `nn.cpu_matmul.token_matmul`): XLA:CPU
             # otherwise copies the [B, T, V] logits' gradient transposed to form the table's.
             B, T, D = x.shape
             logits = jax.lax.dot_general(x.reshape(B * T, D), table, (((1,), (1,)), ((), ())))

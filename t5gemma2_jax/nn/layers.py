@@ -11,9 +11,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import TextConfig
 from t5gemma2_jax.nn.attention import Attention
-from t5gemma2_jax.nn.lora import kernel
 from t5gemma2_jax.nn.mlp import MLP
 from t5gemma2_jax.nn.norm import RMSNorm
+from t5gemma2_jax.nn.project import kernel
 from t5gemma2_jax.ops.masks import MaskInfo
 from t5gemma2_jax.sharding import constrain
 

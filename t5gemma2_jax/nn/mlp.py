@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from t5gemma2_jax.nn.lora import project
+from t5gemma2_jax.nn.project import project
 from t5gemma2_jax.sharding import constrain
 
 

@@ -1,7 +1,7 @@
 """Frozen kernels stored quantised (QLoRA's base model): int8 per channel, or 4-bit NormalFloat.
 
 A `QuantizedKernel` replaces a projection's `nnx.Param` in a model whose base weights do not
-train, and dequantises where the kernel is applied (`nn.lora.kernel`), so the weights sit in
+train, and dequantises where the kernel is applied (`nn.project.kernel`), so the weights sit in
 memory at a quarter (int8) or an eighth (nf4) of their float32 size while adapters train in full
 precision.
 

@@ -49,7 +49,7 @@ def prepare(cfg: ExperimentConfig, workdir: str | os.PathLike, devices=None) -> 
     trainer = Trainer.build(cfg, devices=devices)
     t = cfg.train
     if t.init_from is not None:
-        pretrained_source(t.init_from, trainer.model_config)
+        pretrained_source(cfg.init_source, trainer.model_config)
     if t.data_source == "pipeline":
         if t.eval_every and cfg.data.train and not cfg.data.eval:
             raise ConfigError("train.eval_every > 0 needs held-out data: set data.eval (or train.eval_every=0)")

@@ -110,19 +110,20 @@ def base_def(model_def: ModelDef) -> ModelDef:
     return ModelDef(model_def.config, freeze_vision=False)
 
 
-def pretrained_source(path: str, config: T5Gemma2Config) -> Source:
-    """The checkpoint `path` names (`checkpoints.sources.find_source`), checked to hold a whole model of
-    `config`'s architecture; reads its config, not its weights (what `--check` verifies)."""
-    src = find_source(path, what="train.init_from")
+def pretrained_source(path: str | Source, config: T5Gemma2Config) -> Source:
+    """The checkpoint `path` names (`checkpoints.sources.find_source`; a `Source` as it is), checked
+    to hold a whole model of `config`'s architecture; reads its config, not its weights (what
+    `--check` verifies)."""
+    src = path if isinstance(path, Source) else find_source(path, what="train.init_from")
     if src.holds_adapters:
         raise CheckpointError(f"{src.path}: a LoRA run's checkpoint holds adapters, not a model; start from "
                               f"its base ({(src.run_config() or {}).get('train', {}).get('init_from')}) or from "
                               "a merged export (load_peft + merge_lora + save_export)")
-    _same_architecture(src.model_config(), config, path)
+    _same_architecture(src.model_config(), config, path.path if isinstance(path, Source) else path)
     return src
 
 
-def load_pretrained(path: str, model_def: ModelDef, shardings: TrainState) -> tuple[dict, dict]:
+def load_pretrained(path: str | Source, model_def: ModelDef, shardings: TrainState) -> tuple[dict, dict]:
     """(trainable, frozen) parameter arrays of a training checkpoint (a work directory, its
     `checkpoints/` or one `checkpoints/<step>`: the newest step), a params export or a Hugging
     Face checkpoint, placed with the state's shardings."""

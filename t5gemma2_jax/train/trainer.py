@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5gemma2_jax.checkpoints.export import param_name
+from t5gemma2_jax.checkpoints.sources import Source
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.data.pipeline import batch_shapes
 from t5gemma2_jax.experiment import ExperimentConfig
@@ -115,7 +116,7 @@ class Trainer:
         """A randomly initialised state, each device computing only its shards."""
         return init_state(self.model_def, self.tx, self.cfg.train.seed, self.mesh, self.rules, self.state_shardings)
 
-    def state_from_pretrained(self, path: str) -> TrainState:
+    def state_from_pretrained(self, path: str | Source) -> TrainState:
         """Step 0 and a fresh optimizer around the parameters of a params export or an HF directory
         (with adapters: that checkpoint as the frozen base, adapters fresh)."""
         seed = self.cfg.train.seed
@@ -131,7 +132,7 @@ class Trainer:
     def fresh_state(self) -> TrainState:
         """The starting state: from `train.init_from`, else random."""
         t = self.cfg.train
-        return self.state_from_pretrained(t.init_from) if t.init_from else self.init_state()
+        return self.state_from_pretrained(self.cfg.init_source) if t.init_from else self.init_state()
 
     # -- what checkpoints hold ----------------------------------------------------------------------
     @property

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import VisionConfig
-from t5gemma2_jax.nn.lora import project
+from t5gemma2_jax.nn.project import project
 from t5gemma2_jax.sharding import constrain
 from t5gemma2_jax.vision.layers import LayerNorm, fan_in_normal
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5gemma2_jax.config import T5Gemma2Config
-from t5gemma2_jax.nn.lora import project
 from t5gemma2_jax.nn.norm import RMSNorm
+from t5gemma2_jax.nn.project import project
 from t5gemma2_jax.vision.layers import normal
 
 
