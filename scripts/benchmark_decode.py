@@ -48,7 +48,7 @@ def read_bandwidth(nbytes: int = 2**30, reps: int = 5) -> float:
     """Bytes per second of the fastest compiled full reduction (sum, max) over a flat float32 array
     of `nbytes`: XLA:CPU splits a flat reduction across the cores, which is what a read bound
     needs. A sum over a `[rows, 1024]` array runs on one core instead and reads about half as fast
-    (31-34 against 57-65 GB/s on a 2-core EPYC), which would make every step look nearer its bound."""
+    (docs/benchmarks_archive.md), which would make every step look nearer its bound."""
     x = jax.random.uniform(jax.random.key(0), (nbytes // 4,), jnp.float32)
     best = min(_best(lambda: f(x).block_until_ready(), reps)[0] for f in (jax.jit(jnp.sum), jax.jit(jnp.max)))
     return nbytes / best

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check (about 6 minutes on one H200): the 270m-270m and 1b-1b bf16 train step with the
+# One-shot GPU check: the 270m-270m and 1b-1b bf16 train step with the
 # default (auto) attention backend, which picks cuDNN on a GPU where cuDNN takes the inputs, its MFU
 # against the GPU's bf16 peak, greedy generation tokens/s, and the same work in transformers
 # (PyTorch, sdpa attention, bf16) on the same GPU. One JSON line per preset goes to the results file.

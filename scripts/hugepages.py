@@ -2,8 +2,8 @@
 
 XLA:CPU allocates each program's temporary buffers afresh on every call, and glibc serves large
 blocks with a fresh `mmap`, so with 4 KiB pages the kernel faults in every page of them again each
-call: about 4.7 GiB a step for a 270m-270m train step, a third of its backward's time on a 2-core
-host. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc asks for transparent huge pages
+call: about 4.7 GiB a step for a 270m-270m train step, a large share of its backward's time on a
+CPU. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc asks for transparent huge pages
 (`madvise`), which fault in 2 MiB at a time (`scripts/benchmark.py --no-hugepages` measures the
 difference; docs/benchmarks.md has the numbers). The tunable is read only when a process starts, so
 a script that runs without it replaces itself (`execve`, same pid, same arguments and

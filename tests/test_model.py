@@ -77,7 +77,7 @@ def test_bf16_forward_within_documented_tolerance(tiny):
     nnx.update(bf16, nnx.state(model, nnx.Param))
     out = np.asarray(bf16(ids, dids).logits).astype(np.float32)
     assert out.dtype == np.float32 and np.isfinite(out).all()
-    # Documented in README: with 8+8 layers, bf16 logits stay within 6% of the fp32 logit range
+    # Documented in docs/api.md: with 8+8 layers, bf16 logits stay within 6% of the fp32 logit range
     # at worst (3.3% measured) and 1% on average.
     scale = np.abs(ref).max()
     assert np.abs(out - ref).max() <= 0.06 * scale and np.abs(out - ref).mean() <= 0.01 * scale

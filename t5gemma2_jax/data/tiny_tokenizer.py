@@ -7,7 +7,7 @@ The tiny model (512 pieces, matching the 'tiny' model preset's vocab_size) has:
 Like Gemma: BPE, byte fallback, digits split, no text normalisation, no dummy prefix.
 
 `tiny_tokenizer_path()` trains it deterministically on first use (single-threaded BPE on a
-fixed corpus, ~0.1 s) and caches the file under a name that hashes corpus and options.
+fixed corpus, a fraction of a second) and caches the file under a name that hashes corpus and options.
 """
 
 from __future__ import annotations

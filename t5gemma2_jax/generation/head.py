@@ -60,7 +60,7 @@ def screened_greedy(model, hidden: jax.Array, screened: tuple[jax.Array, jax.Arr
     approx = jax.lax.dot_general(x.astype(jnp.bfloat16), table16, dims, preferred_element_type=jnp.float32)
     approx = controls.apply(model.soft_cap(approx), t, seen)
     # The barrier keeps XLA:CPU's top-k kernel: slicing its outputs directly turns it into a sort
-    # of the whole vocabulary (100 ms for two rows of 262k).
+    # of the whole vocabulary, far slower than the kernel (docs/benchmarks_archive.md).
     top, ids = jax.lax.optimization_barrier(jax.lax.top_k(approx, CANDIDATES + 1))
     cand = jnp.sort(ids[:, :CANDIDATES], axis=1)           # by id: the first maximum is argmax's
     exact = jnp.einsum("BD,BKD->BK", x, jnp.take(table, cand, axis=0))

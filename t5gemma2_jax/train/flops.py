@@ -186,8 +186,8 @@ def measured_cpu_peak(size: int = 2048, reps: int = 5) -> float:
     """FLOP/s of one CPU device: the best of `reps` fp32 matmuls on device 0, shared by the local
     CPU devices (fake devices share the cores). Cached per machine in the t5gemma2_jax cache.
 
-    2048² by default: a 512² matmul reaches about half of the machine's rate (0.106 against
-    0.20 TFLOP/s on a 2-core EPYC), which made a train step's MFU read above 100%."""
+    2048² by default: a 512² matmul reaches about half of the machine's rate, which made a train
+    step's MFU read above 100% (docs/benchmarks_archive.md)."""
     import jax
     import jax.numpy as jnp
 

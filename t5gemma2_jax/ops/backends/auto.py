@@ -22,10 +22,10 @@ from t5gemma2_jax.ops.backends import get, target_platform
 from t5gemma2_jax.ops.masks import MaskInfo
 
 # Keys per query from which blockwise beats dense on CPU, forward and forward + backward, for the
-# tiny and 270m-270m head layouts at the default block size (512): docs/benchmarks.md, "Attention
-# backends: dense against blockwise by length (CPU)", measured with
-# `scripts/benchmark_attention.py --sweep` on a shared 2-core machine. Below one block of keys
-# blockwise runs the dense computation plus its loop; from two blocks on its tiles win.
+# tiny and 270m-270m head layouts at the default block size (512): below one block of keys
+# blockwise runs the dense computation plus its loop; from two blocks on its tiles win (the sweep,
+# `scripts/benchmark_attention.py --sweep`, and its machine: docs/benchmarks.md, "Attention
+# backends: dense against blockwise by length (CPU)").
 BLOCKWISE_MIN_KEYS = 1024
 # Splash tiles are 128 query rows: shorter inputs are mostly padding there.
 SPLASH_MIN_QUERIES = 128
