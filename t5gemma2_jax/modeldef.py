@@ -13,14 +13,14 @@ import logging
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from t5gemma2_jax.adapters import apply_lora, quantize_base
 from t5gemma2_jax.checkpoints.export import flat_params, param_name
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.experiment import LoraConfig
 from t5gemma2_jax.model import T5Gemma2
-from t5gemma2_jax.sharding import Rules, variable_spec
+from t5gemma2_jax.sharding import Rules, param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +78,14 @@ class ModelDef:
         vars_ = self.trainable if group == "trainable" else self.frozen
         return {n: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for n, (_, v) in vars_.items()}
 
-    def param_specs(self, mesh: Mesh, rules: Rules) -> dict[str, P]:
-        specs, fell_back = {}, []
-        for name, (_, var) in {**self.trainable, **self.frozen}.items():
-            specs[name], fb = variable_spec(var, mesh, rules)
-            if fb:
-                fell_back.append(name)
+    def param_shardings(self, mesh: Mesh, rules: Rules) -> dict[str, NamedSharding]:
+        """Every parameter's sharding on `mesh` (`sharding.param_shardings`)."""
+        shardings, fell_back = param_shardings(
+            {name: var for name, (_, var) in {**self.trainable, **self.frozen}.items()}, mesh, rules)
         if fell_back:
             log.info("%d parameters keep a dimension replicated because the mesh axis does not divide "
                      "it (e.g. %s)", len(fell_back), fell_back[0])
-        return specs
+        return shardings
 
     # -- arrays <-> model -----------------------------------------------------------------------
     def merge(self, params: dict, frozen: dict) -> T5Gemma2:

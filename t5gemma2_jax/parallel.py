@@ -218,7 +218,7 @@ def context_traffic(model, encoder_length: int, rows_per_chip: float, mesh_cfg: 
         K = tower.num_kv_heads
         K = K // mesh_cfg.tensor if mesh_cfg.tensor > 1 and K % mesh_cfg.tensor == 0 else K
         return 2 * K * tower.head_dim * dtype_bytes
-    enc, dec = model.encoder, model.decoder
+    enc = model.encoder
     others = encoder_length * (c - 1) / c           # positions held by the other chips
     for t in enc.layer_types:
         if t == SLIDING:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -159,6 +159,20 @@ def variable_spec(var, mesh, rules: Rules | None = None) -> tuple[P, bool]:
     """`spec_for` of an `nnx.Variable` from its `logical_axes` metadata (replicated without)."""
     axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
     return spec_for(axes, var.shape, mesh, rules)
+
+
+def param_shardings(variables: Mapping[str, Any], mesh, rules: Rules | None = None
+                    ) -> tuple[dict[str, NamedSharding], list[str]]:
+    """Each named `nnx.Variable`'s `NamedSharding` on `mesh` from its logical axes (`variable_spec`):
+    the one derivation of parameter shardings for the train state, exports, loading and evaluation.
+    Also the names that keep a dimension replicated because its mesh axes do not divide it."""
+    out, fell_back = {}, []
+    for name, var in variables.items():
+        spec, fb = variable_spec(var, mesh, rules)
+        out[name] = NamedSharding(mesh, spec)
+        if fb:
+            fell_back.append(name)
+    return out, fell_back
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -20,14 +20,14 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.checkpoints.triage import KeyTriage
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.model import T5Gemma2
-from t5gemma2_jax.sharding import Rules, variable_spec
+from t5gemma2_jax.sharding import Rules, param_shardings
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -118,7 +118,7 @@ def model_from_arrays(cfg: T5Gemma2Config, read: Callable[[dict, dict | None], d
     shapes = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, (_, v) in flat.items()}
     shardings = None
     if mesh is not None:
-        shardings = {n: NamedSharding(mesh, variable_spec(v, mesh, rules)[0]) for n, (_, v) in flat.items()}
+        shardings, _ = param_shardings({n: v for n, (_, v) in flat.items()}, mesh, rules)
     arrays = read(shapes, shardings)
     params = nnx.from_flat_state([(p, v.replace(arrays[n])) for n, (p, v) in flat.items()])
     return nnx.merge(graphdef, params, rest)

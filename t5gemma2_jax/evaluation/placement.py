@@ -7,10 +7,10 @@ import functools
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from t5gemma2_jax.parallel import MeshConfig, make_mesh, sharding_rules
-from t5gemma2_jax.sharding import Rules, axis_rules, variable_spec
+from t5gemma2_jax.sharding import Rules, axis_rules, param_shardings
 
 
 def default_mesh(cfg: MeshConfig | None = None) -> tuple[Mesh, Rules]:
@@ -22,10 +22,9 @@ def default_mesh(cfg: MeshConfig | None = None) -> tuple[Mesh, Rules]:
 def place(model, mesh: Mesh, rules: Rules):
     """(graphdef, state) of `model` with each variable placed by its logical axes on `mesh`."""
     graphdef, state = nnx.split(model)
-    placed = []
-    for path, var in nnx.to_flat_state(state):
-        sharding = NamedSharding(mesh, variable_spec(var, mesh, rules)[0])
-        placed.append((path, var.replace(jax.device_put(var.get_value(), sharding))))
+    flat = list(nnx.to_flat_state(state))
+    shardings, _ = param_shardings(dict(enumerate(var for _, var in flat)), mesh, rules)
+    placed = [(path, var.replace(jax.device_put(var.get_value(), shardings[i]))) for i, (path, var) in enumerate(flat)]
     return graphdef, nnx.from_flat_state(placed)
 
 

@@ -33,15 +33,15 @@ TrainState = dict  # {"step": int32[], "params": {...}, "frozen": {...}, "opt_st
 def state_shardings(abstract_state: TrainState, model_def: ModelDef, mesh: Mesh, rules: Rules) -> TrainState:
     """NamedShardings for every leaf: parameters from their logical axes, optimizer moments from
     the parameter they belong to (matched by name and shape), scalars replicated."""
-    specs = model_def.param_specs(mesh, rules)
+    by_name = model_def.param_shardings(mesh, rules)
     shapes = {**model_def.shapes("trainable"), **model_def.shapes("frozen")}
     replicated = NamedSharding(mesh, P())
 
     def for_leaf(path, leaf):
         for key in reversed(path):
             name = getattr(key, "key", None)
-            if isinstance(name, str) and name in specs and tuple(shapes[name].shape) == tuple(leaf.shape):
-                return NamedSharding(mesh, specs[name])
+            if isinstance(name, str) and name in by_name and tuple(shapes[name].shape) == tuple(leaf.shape):
+                return by_name[name]
         return replicated
 
     return jax.tree_util.tree_map_with_path(for_leaf, abstract_state)

@@ -91,13 +91,12 @@ class Trainer:
         d = self.cfg.data
         N = max_new_tokens or d.decoder_length
         cfg = self.model_config.replace(remat="none")
-        specs = self.model_def.param_specs(self.mesh, self.rules)
+        shardings = self.model_def.param_shardings(self.mesh, self.rules)
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: T5Gemma2(cfg, rngs=nnx.Rngs(0))),
                                                nnx.Param, ...)
             abstract = nnx.from_flat_state([
-                (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                   sharding=NamedSharding(self.mesh, specs[param_name(p)]))))
+                (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[param_name(p)])))
                 for p, v in nnx.to_flat_state(params)])
 
             def first_step(params, ids):
@@ -124,9 +123,7 @@ class Trainer:
             params, frozen = load_pretrained(path, self.model_def, self.state_shardings)
             return state_from_params(self.model_def, self.tx, seed, params, frozen, self.mesh, self.state_shardings)
         plain = base_def(self.model_def)
-        specs = plain.param_specs(self.mesh, self.rules)
-        base, _ = load_pretrained(path, plain, {"params": {n: NamedSharding(self.mesh, specs[n]) for n in specs},
-                                                "frozen": {}})
+        base, _ = load_pretrained(path, plain, {"params": plain.param_shardings(self.mesh, self.rules), "frozen": {}})
         return state_from_base(self.model_def, self.tx, seed, base, self.mesh, self.rules, self.state_shardings)
 
     def fresh_state(self) -> TrainState:
