@@ -18,6 +18,7 @@ LAYERS = {
     "t5gemma2_jax.model": 3,
     "t5gemma2_jax.checkpoints": 4, "t5gemma2_jax.generation": 4, "t5gemma2_jax.adapters": 4,
     "t5gemma2_jax.train": 5, "t5gemma2_jax.evaluation": 5, "t5gemma2_jax.evaluation.run": 6,
+    "t5gemma2_jax.evaluation.lm_eval": 6,
     "t5gemma2_jax": 6,
 }
 
