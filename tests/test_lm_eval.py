@@ -46,6 +46,24 @@ def test_bucket_lengths_are_few_and_waste_little():
     assert len(set(sizes)) <= 8 * 9   # about eight shapes per doubling from 16 to 4096
 
 
+def test_encoder_inputs_are_bos_then_text_left_truncated_with_the_mode_after_bos():
+    from types import SimpleNamespace
+
+    tok = Tokenizer(tiny_tokenizer_path())
+    s = tok.special
+    lm = SimpleNamespace(tok=tok, add_bos_token=True, _bos_text=tok.id_to_piece(s.bos), max_length=6, mode_id=None)
+    text = list(tok.encode("The quick brown fox"))
+    assert tg_lm_eval.T5Gemma2LM.tok_encode(lm, "The quick brown fox") == [s.bos] + text
+    assert tg_lm_eval.T5Gemma2LM.tok_encode(lm, "<bos>The quick brown fox") == [s.bos] + text
+    assert tg_lm_eval.T5Gemma2LM.tok_encode(lm, "The quick brown fox", add_special_tokens=False) == text
+    assert tg_lm_eval.T5Gemma2LM._encoder_ids(lm, [s.bos, 20, 21]) == [s.bos, 20, 21]
+    assert tg_lm_eval.T5Gemma2LM._encoder_ids(lm, [s.bos, *range(20, 30)]) == list(range(24, 30))
+    lm.mode_id = s.modes["[S2S]"]
+    assert tg_lm_eval.T5Gemma2LM._encoder_ids(lm, [s.bos, 20, 21]) == [s.bos, lm.mode_id, 20, 21]
+    assert tg_lm_eval.T5Gemma2LM._encoder_ids(lm, [20, 21]) == [lm.mode_id, 20, 21]
+    assert tg_lm_eval.T5Gemma2LM._encoder_ids(lm, list(range(20, 30))) == [lm.mode_id, *range(25, 30)]
+
+
 def test_command_line_and_model_argument_errors_are_one_line(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     rc = tg_lm_eval.main(["--model_args", f"pretrained={missing},batch_size=4", "--tasks", "x"])
@@ -205,6 +223,19 @@ def test_a_two_device_mesh_gives_the_numbers_of_one_device(checkpoint, one_devic
     assert [g for _, g in b] == [g for _, g in a]
     np.testing.assert_allclose(two.loglikelihood_rolling(docs), one_device.loglikelihood_rolling(docs), atol=1e-4)
     assert two.generate_until(prompts) == one_device.generate_until(prompts)
+
+
+@pytest.mark.slow
+def test_an_export_scores_as_its_hugging_face_directory(checkpoint, one_device, tmp_path):
+    from t5gemma2_jax.checkpoints.export import flat_params
+
+    model = tg.load(checkpoint, text_only=True)
+    tg.save_export(tmp_path / "export", model.config, flat_params(model))
+    export = tg_lm_eval.T5Gemma2LM(pretrained=str(tmp_path / "export"), batch_size=4, max_length=MAX_LENGTH,
+                                   mesh=1)
+    pairs = _instances("loglikelihood", [(q, " a red circle") for q in QUESTIONS])
+    np.testing.assert_allclose([x for x, _ in export.loglikelihood(pairs)],
+                               [x for x, _ in one_device.loglikelihood(pairs)], atol=1e-5)
 
 
 @pytest.mark.slow

@@ -26,18 +26,12 @@ one filled with copies of a real row), so a task compiles a handful of programs.
 sharded over a mesh of every device by default (`mesh=N`: the first N devices), the batch split
 over it.
 
-Model arguments: pretrained (required), dtype (float32, bfloat16; default as stored), batch_size,
-max_length (default: the encoder's max_position_embeddings), max_gen_toks (default 256, the
-harness' default), tokenizer (a SentencePiece model; default the one the checkpoint records),
-add_bos_token (default true, as Gemma's tokenizer), mode (a UL2 mode token such as [S2S] after bos
-in every encoder input, for a model pretrained with them), mesh, seed (sampling), adapter (a PEFT
-directory applied on top).
+Model arguments and what to know on a TPU VM: docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from typing import Any, Sequence
 
@@ -70,8 +64,6 @@ HARNESS_ARGS = ("device", "max_batch_size", "trust_remote_code")
 # Generation options the harness' tasks pass that `generate` understands (besides until,
 # max_gen_toks, do_sample and temperature).
 GENERATE_OPTIONS = ("top_k", "top_p", "repetition_penalty", "min_new_tokens")
-
-log = logging.getLogger(__name__)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -331,8 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lm_eval._cli import HarnessCLI
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] != ["run"] and args[:1] and args[0] in ("ls", "validate"):
-        return _harness(HarnessCLI(), args)
+    if args[:1] in (["ls"], ["validate"]):
+        return cli.run(lambda: _harness(HarnessCLI(), args))
     if args[:1] == ["run"]:
         args = args[1:]
     if not any(a in ("--model", "-M") or a.startswith("--model=") for a in args):
