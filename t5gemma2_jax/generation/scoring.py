@@ -20,6 +20,24 @@ def score(model, input_ids, targets, attention_mask=None, target_mask=None, pixe
     (or `[B, T]` per token with `per_token=True`). `target_mask` (0/1) drops padding targets.
     Targets should end with eos when the score is meant to include stopping. Compiled once per
     shape when called with concrete arrays (`model.compile_on_first_use`)."""
+    token_logp, _ = _target_logp(model, input_ids, targets, attention_mask, target_mask, pixel_values, image_mask)
+    return token_logp if per_token else token_logp.sum(-1)
+
+
+@compile_on_first_use
+def score_continuations(model, input_ids, targets, attention_mask=None, target_mask=None):
+    """What lm-evaluation-harness' `loglikelihood` asks of a continuation: `score`'s summed
+    log-likelihood `[B]` and `[B]` whether greedy decoding would produce it (each teacher-forced
+    step's argmax is its target token), as its seq2seq models answer."""
+    token_logp, logp = _target_logp(model, input_ids, targets, attention_mask, target_mask, None, None)
+    hit = jnp.argmax(logp, axis=-1) == jnp.asarray(targets, jnp.int32)
+    if target_mask is not None:
+        hit = hit | (jnp.asarray(target_mask) == 0)
+    return token_logp.sum(-1), jnp.all(hit, axis=-1)
+
+
+def _target_logp(model, input_ids, targets, attention_mask, target_mask, pixel_values, image_mask):
+    """(per-token log-likelihoods `[B, T]`, zero at masked targets; the float32 log-softmax `[B, T, V]`)."""
     targets = jnp.asarray(targets, jnp.int32)
     dec_in = shift_right(targets, model.config.bos_token_id, model.config.pad_token_id)
     logits = model(input_ids, dec_in, attention_mask, target_mask, pixel_values, image_mask=image_mask).logits
@@ -27,7 +45,7 @@ def score(model, input_ids, targets, attention_mask=None, target_mask=None, pixe
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     if target_mask is not None:
         token_logp = token_logp * jnp.asarray(target_mask, jnp.float32)
-    return token_logp if per_token else token_logp.sum(-1)
+    return token_logp, logp
 
 
 def score_candidates(model, prompts: Sequence[np.ndarray], candidates: Sequence[Sequence[np.ndarray]], *,
