@@ -13,12 +13,12 @@ import sys
 import traceback
 from typing import Callable
 
+from t5gemma2_jax.checkpoints.run import CheckpointIOError
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.images import ImageError
 from t5gemma2_jax.data.pipeline import DataQualityError
 from t5gemma2_jax.parallel import SetupError
-from t5gemma2_jax.train.checkpoint import CheckpointIOError
 
 USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError)
 USAGE = 2

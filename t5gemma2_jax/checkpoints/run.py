@@ -25,6 +25,10 @@ import orbax.checkpoint as ocp
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 
 
+class CheckpointIOError(OSError):
+    """A checkpoint could not be written (read-only or full directory, I/O error)."""
+
+
 def _words(x: jax.Array) -> jax.Array:
     """The bits of `x` as uint32 words, elementwise (no reshape, so a sharded array stays put)."""
     bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]

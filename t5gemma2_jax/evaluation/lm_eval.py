@@ -54,9 +54,8 @@ from t5gemma2_jax.generation import generate
 from t5gemma2_jax.generation.scoring import score_continuations
 from t5gemma2_jax.generation.texts import completion_ids, cut_at_stop
 from t5gemma2_jax.loading import find_source, load, load_tokenizer_for
+from t5gemma2_jax.parallel import MeshConfig, make_mesh, sharding_rules
 from t5gemma2_jax.sharding import Rules, axis_rules
-from t5gemma2_jax.train.config import MeshConfig
-from t5gemma2_jax.train.mesh import make_mesh, sharding_rules
 
 NAME = "t5gemma2_jax"
 # What the harness' command line passes every model besides its model_args; JAX picks its devices.

@@ -30,7 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from t5gemma2_jax.checkpoints.run import checksums, mismatched_checksums
+from t5gemma2_jax.checkpoints.run import CheckpointIOError, checksums, mismatched_checksums
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,6 @@ class Restored:
     state: Any
     data: Any  # this process' data-iterator state, or None
     meta: dict
-
-
-class CheckpointIOError(OSError):
-    """A checkpoint could not be written (read-only or full directory, I/O error)."""
 
 
 class CheckpointMismatch(CheckpointError):
