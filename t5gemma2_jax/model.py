@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx, struct
 
 from t5gemma2_jax.config import FULL, SLIDING, T5Gemma2Config, TextConfig
+from t5gemma2_jax.nn.attention import Numerics
 from t5gemma2_jax.nn.embed import Embedder
 from t5gemma2_jax.nn.layers import LayerContext
 from t5gemma2_jax.nn.norm import RMSNorm
@@ -60,9 +61,9 @@ class Tower(nnx.Module):
                  rngs: nnx.Rngs):
         pdt, dt = jnp.dtype(model_cfg.param_dtype), jnp.dtype(model_cfg.dtype)
         self.config = cfg
-        self.stack = LayerStack(cfg, scan=model_cfg.scan_layers, remat=model_cfg.remat,
-                                param_dtype=pdt, dtype=dt, backend=model_cfg.attention_backend,
-                                block_size=model_cfg.attention_block_size, cross=cross,
+        numerics = Numerics(param_dtype=pdt, dtype=dt, backend=model_cfg.attention_backend,
+                            block_size=model_cfg.attention_block_size)
+        self.stack = LayerStack(cfg, numerics, scan=model_cfg.scan_layers, remat=model_cfg.remat, cross=cross,
                                 encoder_dim=model_cfg.encoder.hidden_size, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
 

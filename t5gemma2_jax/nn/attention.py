@@ -7,6 +7,9 @@ The same projections serve both: in a decoder layer the encoder states go throug
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,9 +26,21 @@ from t5gemma2_jax.sharding import constrain
 _BTHD = ("batch", "length", "heads", "head_dim")
 
 
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How a tower's layers compute, the same for each of them (none of it shapes a parameter):
+    parameter and compute dtypes, the attention backend and its key block size. The model builds
+    one per tower and every layer and attention takes it as it is."""
+
+    param_dtype: Any
+    dtype: Any
+    backend: str
+    block_size: int = 512
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, backend: str, block_size: int = 512,
-                 kv_dim: int | None = None, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, numerics: Numerics, *, kv_dim: int | None = None, rngs: nnx.Rngs):
+        param_dtype = numerics.param_dtype
         D, H, K, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         Dkv = kv_dim or D           # a separate cross-attention may read a narrower/wider encoder
         init = nnx.initializers.normal(0.02)
@@ -36,9 +51,9 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, logical_axes=("head_dim",))
         self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, logical_axes=("head_dim",))
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
-        self.dtype = dtype
-        self.backend = backend
-        self.block_size = block_size
+        self.dtype = numerics.dtype
+        self.backend = numerics.backend
+        self.block_size = numerics.block_size
 
     def project_kv(self, x: jax.Array, length: str = "length") -> tuple[jax.Array, jax.Array]:
         """Normed, un-rotated keys and values `[B, S, K, d]` of `x [B, S, D]`, their sequence

@@ -10,7 +10,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma2_jax.config import TextConfig
-from t5gemma2_jax.nn.attention import Attention
+from t5gemma2_jax.nn.attention import Attention, Numerics
 from t5gemma2_jax.nn.mlp import MLP
 from t5gemma2_jax.nn.norm import RMSNorm
 from t5gemma2_jax.nn.project import kernel
@@ -44,23 +44,22 @@ class LayerContext:
 class Layer(nnx.Module):
     """Pre/post-normed attention and GeGLU MLP sublayers (Gemma 3's sandwich norms)."""
 
-    def __init__(self, cfg: TextConfig, layer_type: str, *, param_dtype, dtype, backend: str,
-                 block_size: int = 512, cross: str = "none", encoder_dim: int | None = None, rngs: nnx.Rngs):
-        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+    def __init__(self, cfg: TextConfig, layer_type: str, numerics: Numerics, *, cross: str = "none",
+                 encoder_dim: int | None = None, rngs: nnx.Rngs):
+        D, eps, param_dtype = cfg.hidden_size, cfg.rms_norm_eps, numerics.param_dtype
         if cross not in CROSS_MODES:
             raise ValueError(f"cross must be one of {CROSS_MODES}, got {cross!r}")
-        attn_kw = dict(param_dtype=param_dtype, dtype=dtype, backend=backend, block_size=block_size)
         self.layer_type = layer_type
         self.cross = cross
         self.pre_attn_norm = RMSNorm(D, eps=eps, param_dtype=param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, **attn_kw)
+        self.attn = Attention(cfg, numerics, rngs=rngs)
         self.post_attn_norm = RMSNorm(D, eps=eps, param_dtype=param_dtype)
         if cross == "separate":
             self.pre_cross_norm = RMSNorm(D, eps=eps, param_dtype=param_dtype)
-            self.cross_attn = Attention(cfg, kv_dim=encoder_dim, rngs=rngs, **attn_kw)
+            self.cross_attn = Attention(cfg, numerics, kv_dim=encoder_dim, rngs=rngs)
             self.post_cross_norm = RMSNorm(D, eps=eps, param_dtype=param_dtype)
         self.pre_ffw_norm = RMSNorm(D, eps=eps, param_dtype=param_dtype)
-        self.mlp = MLP(D, cfg.intermediate_size, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(D, cfg.intermediate_size, param_dtype=param_dtype, dtype=numerics.dtype, rngs=rngs)
         self.post_ffw_norm = RMSNorm(D, eps=eps, param_dtype=param_dtype)
 
     def _self_mask(self, ctx: LayerContext) -> MaskInfo:

@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 
 from t5gemma2_jax.config import TextConfig
+from t5gemma2_jax.nn.attention import Numerics
 from t5gemma2_jax.nn.layers import Layer, LayerContext
 from t5gemma2_jax.ops import scan as scan_lib
 from t5gemma2_jax.ops.scan import layer_slot, stack_layout
@@ -25,9 +26,10 @@ from t5gemma2_jax.ops.scan import layer_slot, stack_layout
 class Block(nnx.Module):
     """One period of consecutive layers (the unit that is scanned)."""
 
-    def __init__(self, cfg: TextConfig, layer_types: tuple[str, ...], cross: dict, **layer_kw):
-        rngs = layer_kw.pop("rngs")
-        self.layers = nnx.List([Layer(cfg, t, cross=cross[t], rngs=rngs, **layer_kw) for t in layer_types])
+    def __init__(self, cfg: TextConfig, layer_types: tuple[str, ...], numerics: Numerics, cross: dict, *,
+                 encoder_dim: int | None, rngs: nnx.Rngs):
+        self.layers = nnx.List([Layer(cfg, t, numerics, cross=cross[t], encoder_dim=encoder_dim, rngs=rngs)
+                                for t in layer_types])
 
     def __call__(self, x: jax.Array, ctx: LayerContext) -> jax.Array:
         for layer in self.layers:
@@ -36,24 +38,22 @@ class Block(nnx.Module):
 
 
 class LayerStack(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, scan: bool, remat: str, param_dtype, dtype,
-                 backend: str, block_size: int = 512, cross: dict | None = None, encoder_dim: int | None = None,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, numerics: Numerics, *, scan: bool, remat: str, cross: dict | None = None,
+                 encoder_dim: int | None = None, rngs: nnx.Rngs):
         """`cross` maps each layer type to its encoder access (see `layers.CROSS_MODES`)."""
         types = cfg.layer_types
         cross = cross or {t: "none" for t in set(types)}
-        layer_kw = dict(param_dtype=param_dtype, dtype=dtype, backend=backend, block_size=block_size,
-                        encoder_dim=encoder_dim)
         self.period, self.num_blocks = stack_layout(types, scan)
         self.remat = remat
         if self.num_blocks > 0:
             period_types = types[: self.period]
-            self.blocks = scan_lib.stacked(lambda r: Block(cfg, period_types, cross, rngs=r, **layer_kw),
+            self.blocks = scan_lib.stacked(lambda r: Block(cfg, period_types, numerics, cross, encoder_dim=encoder_dim,
+                                                           rngs=r),
                                            self.num_blocks, rngs)
         else:
             self.blocks = None
         first = self.num_blocks * self.period
-        self.layers = nnx.List([Layer(cfg, types[i], cross=cross[types[i]], rngs=rngs, **layer_kw)
+        self.layers = nnx.List([Layer(cfg, types[i], numerics, cross=cross[types[i]], encoder_dim=encoder_dim, rngs=rngs)
                                 for i in range(first, len(types))])
 
     def layer_slot(self, i: int) -> tuple[tuple, int | None]:
