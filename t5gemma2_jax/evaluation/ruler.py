@@ -26,8 +26,8 @@ the model receives it (`data.prompts.encode_prompt`: bos, the optional UL2 mode 
 the text); its `tokens` is the real size, at most `length` and short of it by less than one filler
 word (the haystack grows word by word). Each answer appears in `input` exactly at its `positions`
 (case-insensitive, so a substring match can only find it there) and nowhere else; `needles` gives
-every inserted needle's character offset, token offset and depth (its token offset over the
-input's tokens), and `depth` the depth asked for. Records are deterministic in (seed, task, length,
+every inserted needle's character offset, token offset (in the tokens of `input` alone) and depth
+(the share of the filler's tokens before it), and `depth` the depth asked for. Records are deterministic in (seed, task, length,
 index): generating more samples, or other tasks and lengths, leaves the others unchanged.
 """
 
@@ -507,15 +507,15 @@ def make_record(task: str, tok: Tokenizer, length: int, index: int, *, num_sampl
                 for a, off in places:
                     positions[a].append(at + off)
             positions = [sorted(p) for p in positions]
-            # Depth is measured in tokens over the haystack (from the end of the introduction to the
-            # start of the question), as RULER places its needles.
+            # Depth as RULER means it: the share of the filler's tokens before the needle (the
+            # introduction, the question and the needles themselves left out).
             first, last = len(tok.encode(draft.head)), len(tok.encode(text[:len(text) - len(draft.tail)]))
-            needles = []
-            for (_, needle_text, _), at in zip(draft.needles, offsets):
-                t = len(tok.encode(text[:at]))
-                needles.append({"text": needle_text, "char": at, "token": t,
-                                "depth": round((t - first) / max(1, last - first), 4)})
-            needles.sort(key=lambda n: n["char"])
+            needles = sorted(({"text": needle_text, "char": at, "token": len(tok.encode(text[:at]))}
+                              for (_, needle_text, _), at in zip(draft.needles, offsets)), key=lambda n: n["char"])
+            sizes = [len(tok.encode(n["text"])) for n in needles]
+            filler = max(1, last - first - sum(sizes))
+            for j, n in enumerate(needles):
+                n["depth"] = round(min(1.0, max(0.0, (n["token"] - first - sum(sizes[:j])) / filler)), 4)
         # A draw whose answer also turns up elsewhere (a variable name inside a filler word, say)
         # would let a string match find it there: draw again.
         if all(occurrences(text, a) == p for a, p in zip(answers, positions)):
@@ -586,3 +586,57 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if not out:
         raise ConfigError(f"--data: {path} holds no record")
     return out
+
+
+# -- lm-evaluation-harness tasks ---------------------------------------------------------------------
+
+LM_EVAL_HOOK = "ruler_metric"     # the module lm-eval loads beside the YAMLs for `process_results`
+
+
+def lm_eval_process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """lm-eval's `process_results` for a generated record: RULER's string match of the completion, in
+    percent (the unit of the scorer's table)."""
+    return {"string_match": 100.0 * score(results[0], doc)}
+
+
+def lm_eval_task_name(task: str, length: int) -> str:
+    return f"ruler_{task}_{length}"
+
+
+def write_lm_eval_tasks(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """One lm-eval `generate_until` task YAML per generated file (`ruler_{task}_{length}`, tagged
+    `ruler`, `ruler_{length}` and `ruler_{task}`), reading it with lm-eval's `json` dataset, plus the
+    hook module their `process_results` names; the YAML paths. Run them with
+    `--include_path OUT_DIR --tasks ruler_4096` (every task at one length) or a task's name."""
+    import yaml
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{LM_EVAL_HOOK}.py").write_text(
+        '"""lm-eval\'s hook for the long-context task YAMLs beside it (written by '
+        't5gemma2_jax.evaluation.ruler.write_lm_eval_tasks)."""\n\n'
+        "from t5gemma2_jax.evaluation.ruler import lm_eval_process_results as process_results  # noqa: F401\n")
+    written = []
+    for p in paths:
+        first = read_records(p)[0]
+        task, length = first["task"], int(first["length"])
+        config = {
+            "task": lm_eval_task_name(task, length),
+            "tag": ["ruler", f"ruler_{length}", f"ruler_{task}"],
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(Path(p).resolve())}},
+            "test_split": "test",
+            "output_type": "generate_until",
+            "doc_to_text": "{{input}}",
+            "doc_to_target": "{{answers | join(', ')}}",
+            "generation_kwargs": {"until": [], "max_gen_toks": int(first.get("max_new_tokens") or 32),
+                                  "do_sample": False},
+            "metric_list": [{"metric": "string_match", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0, "length": length, "ruler_metric": first["metric"]},
+        }
+        path = out / f"{config['task']}.yaml"
+        # yaml cannot emit lm-eval's `!function` tag from a dict: that one line is appended as text.
+        path.write_text(yaml.safe_dump(config, sort_keys=False, width=1000)
+                        + f"process_results: !function {LM_EVAL_HOOK}.process_results\n")
+        written.append(path)
+    return written
