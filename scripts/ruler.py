@@ -130,7 +130,8 @@ def run(argv=None):
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
     if a.checkpoint is None:
         if a.predictions is None or a.data:
-            raise ConfigError("score: give --checkpoint and --data, or --predictions alone to tabulate a predictions file")
+            raise ConfigError("score: give --checkpoint and --data, or --predictions alone (a predictions file "
+                              "to tabulate)")
         rows = ruler_score.read_predictions(a.predictions)
         t = ruler_score.table(rows)
         ruler_score.write_results(t, None, out=a.out, markdown_out=a.markdown)

@@ -100,8 +100,10 @@ def test_each_task_hides_what_it_asks_for(records):
         assert abs(needle["depth"] - rec["depth"]) < 0.02                  # at the start, middle and end
     assert [r["depth"] for r in records["niah_single"]] == [0.0, 0.5, 1.0]
     for rec in records["niah_multikey"]:
-        keys = [re.search(r"numbers for (\S+) is", n["text"]).group(1) for n in rec["needles"]]
-        assert len(set(keys)) == ruler.NEEDLES and f"number for {keys[[rec['answers'][0] in n['text'] for n in rec['needles']].index(True)]} in" in rec["input"]
+        keys = {re.search(r"numbers for (\S+) is: (\d+)", n["text"]).group(2): re.search(
+            r"numbers for (\S+) is", n["text"]).group(1) for n in rec["needles"]}
+        assert len(set(keys.values())) == ruler.NEEDLES                     # the queried key and three others
+        assert f"magic number for {keys[rec['answers'][0]]} in the text above?" in rec["input"]
     for rec in records["niah_multivalue"]:
         assert len(rec["answers"]) == len(rec["needles"]) == ruler.NEEDLES
         assert len({re.search(r"numbers for (\S+) is", n["text"]).group(1) for n in rec["needles"]}) == 1
@@ -206,7 +208,8 @@ def test_lm_eval_task_yamls_over_the_generated_files(tiny, tmp_path):
         config, process_results = _hook(y)
         doc = ruler.read_records(data)[1]
         assert config["task"] == y.stem and config["tag"] == ["ruler", "ruler_600", f"ruler_{doc['task']}"]
-        assert (config["dataset_path"], config["output_type"], config["test_split"]) == ("json", "generate_until", "test")
+        assert (config["dataset_path"], config["output_type"], config["test_split"]) == (
+            "json", "generate_until", "test")
         assert config["dataset_kwargs"] == {"data_files": {"test": str(data.resolve())}}
         assert config["generation_kwargs"] == {"until": [], "max_gen_toks": doc["max_new_tokens"], "do_sample": False}
         assert config["metric_list"] == [{"metric": "string_match", "aggregation": "mean", "higher_is_better": True}]

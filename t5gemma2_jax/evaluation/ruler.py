@@ -13,7 +13,7 @@ Tasks (RULER's names where RULER has the task; answers scored by `score`):
 | `niah_multikey` | the queried needle among needles with other keys | the queried key's value | all |
 | `niah_multivalue` | several needles with the same key | every value | all |
 | `niah_multiquery` | several needles, all queried | every value | all |
-| `vt` | chains "VAR B = VAR A." from "VAR A = 12345." through the haystack, one queried | every variable of the queried chain | all |
+| `vt` | chains "VAR A = 12345." "VAR B = VAR A." ... in the haystack, one queried | its variables | all |
 | `cwe` | a numbered word list, ten words frequent, the rest rare | the ten frequent words | all |
 | `qa` | short documents about people, each in its own town | the queried person's town | part |
 
@@ -27,8 +27,9 @@ the text); its `tokens` is the real size, at most `length` and short of it by le
 word (the haystack grows word by word). Each answer appears in `input` exactly at its `positions`
 (case-insensitive, so a substring match can only find it there) and nowhere else; `needles` gives
 every inserted needle's character offset, token offset (in the tokens of `input` alone) and depth
-(the share of the filler's tokens before it), and `depth` the depth asked for. Records are deterministic in (seed, task, length,
-index): generating more samples, or other tasks and lengths, leaves the others unchanged.
+(the share of the filler's tokens before it), and `depth` the depth asked for. A record is
+deterministic in (seed, task, length, index, number of samples: it spreads single needles from the
+start to the end): other tasks and lengths in the same run leave a file unchanged.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ class _Stream:
         return "".join(pieces), offsets
 
 
-def _noise_stream(rng, n_chars: int) -> _Stream:
+def _noise_stream(n_chars: int) -> _Stream:
     sentences = re.findall(r"[^.]+\.", NOISE)
     return _Stream.build((s.strip() for _ in range(n_chars // len(NOISE) + 1) for s in sentences), " ", " ")
 
@@ -498,7 +499,7 @@ def make_record(task: str, tok: Tokenizer, length: int, index: int, *, num_sampl
             else:
                 draft = _vt(rng, depth) if task == "vt" else _niah(task, rng, depth)
                 noise_seed = int(rng.integers(2**31))
-                make_stream = ((lambda n: _noise_stream(None, n)) if haystack == "noise"
+                make_stream = (_noise_stream if haystack == "noise"
                                else (lambda n: _words_stream(np.random.default_rng(noise_seed), n)))
             text, tokens, offsets = _fill_stream(tok, draft, make_stream, length, layout, task)
             answers = draft.answers
@@ -575,10 +576,12 @@ def read_records(path: str | os.PathLike) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--data: {path}:{n}: not JSON ({e.msg})") from None
-        missing = [k for k in ("input", "answers", "task", "length", "metric") if not isinstance(rec, dict) or k not in rec]
+        missing = [k for k in ("input", "answers", "task", "length", "metric")
+                   if not isinstance(rec, dict) or k not in rec]
         if missing:
             raise ConfigError(f"--data: {path}:{n}: not a long-context task record (no {', '.join(missing)})")
-        if not (isinstance(rec["answers"], list) and rec["answers"] and all(isinstance(a, str) and a for a in rec["answers"])):
+        answers = rec["answers"]
+        if not (isinstance(answers, list) and answers and all(isinstance(a, str) and a for a in answers)):
             raise ConfigError(f"--data: {path}:{n}: 'answers' must be a non-empty list of strings")
         if rec["metric"] not in METRICS:
             raise ConfigError(f"--data: {path}:{n}: unknown metric {rec['metric']!r}; expected one of {METRICS}")
