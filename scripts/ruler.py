@@ -49,16 +49,21 @@ def _ints(text: str) -> list[int]:
 
 
 def _files(data: list[str]) -> list[Path]:
-    """Every generated file named, directories standing for their *.jsonl files."""
-    from t5gemma2_jax.configlib import ConfigError
+    """Every generated file named, a directory standing for the `{task}_{length}.jsonl` files in it
+    (so that a predictions file written beside them is left out)."""
+    import re
 
+    from t5gemma2_jax.configlib import ConfigError
+    from t5gemma2_jax.evaluation.ruler import TASK_NAMES
+
+    generated = re.compile(rf"^({'|'.join(TASK_NAMES)})_\d+\.jsonl$")
     out: list[Path] = []
     for d in data:
         p = Path(d)
         if p.is_dir():
-            found = sorted(p.glob("*.jsonl"))
+            found = sorted(f for f in p.glob("*.jsonl") if generated.match(f.name))
             if not found:
-                raise ConfigError(f"--data: no .jsonl file in {p}")
+                raise ConfigError(f"--data: no generated task file ({{task}}_{{length}}.jsonl) in {p}")
             out += found
         elif p.is_file():
             out.append(p)

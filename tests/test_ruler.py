@@ -269,10 +269,14 @@ def test_generate_and_score_a_checkpoint_at_two_lengths(tiny_export, tmp_path, c
         "ruler_niah_single_400.yaml", "ruler_niah_single_600.yaml", "ruler_qa_400.yaml", "ruler_qa_600.yaml"]
     capsys.readouterr()
     preds, out, md = tmp_path / "p.jsonl", tmp_path / "t.json", tmp_path / "t.md"
-    # One task at both lengths: two compiled programs, which evaluate.py below finds again.
-    table = script.run(["score", "--checkpoint", str(tiny_export), "--data", str(data / "qa_400.jsonl"), "--data",
-                        str(data / "qa_600.jsonl"), "--batch-size", "2", "--max-new-tokens", "6", "--out", str(out),
-                        "--markdown", str(md), "--predictions", str(preds), "--no-progress"])
+    # One task at both lengths (the directory's other files moved out): two compiled programs, which
+    # evaluate.py below finds again.
+    (data / "predictions.jsonl").write_text("{}\n")                     # not a task file: left out
+    for f in data.glob("niah_single_*.jsonl"):
+        f.rename(tmp_path / f.name)
+    table = script.run(["score", "--checkpoint", str(tiny_export), "--data", str(data), "--batch-size", "2",
+                        "--max-new-tokens", "6", "--out", str(out), "--markdown", str(md), "--predictions", str(preds),
+                        "--no-progress"])
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [(r["task"], r["length"], r["index"]) for r in rows] == [("qa", n, i) for n in (400, 600) for i in (0, 1)]
     for r in rows:
