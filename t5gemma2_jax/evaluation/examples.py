@@ -25,7 +25,7 @@ from t5gemma2_jax.data.tasks import PretrainExamples, SftExamples
 from t5gemma2_jax.data.tokenizer import Tokenizer
 from t5gemma2_jax.data.ul2 import Denoiser
 
-RECORD_KINDS = ("pretrain", "sft", "choice")
+RECORD_KINDS = ("pretrain", "sft", "choice", "ruler")
 
 
 @dataclasses.dataclass
@@ -51,8 +51,9 @@ class Skipped:
 
 
 def record_kind(path: str) -> str:
-    """"sft" ({"messages"}), "choice" ({"prompt", "choices", "answer"}) or "pretrain" ({"text"}),
-    from the first record that parses as a JSON object; ConfigError when none does."""
+    """"sft" ({"messages"}), "choice" ({"prompt", "choices", "answer"}), "ruler" (a long-context task
+    record of `evaluation.ruler`: {"input", "answers", ...}) or "pretrain" ({"text"}), from the first
+    record that parses as a JSON object; ConfigError when none does."""
     source = open_source(path)
     for i in range(min(len(source), 1000)):
         payload = source[i].payload
@@ -62,10 +63,10 @@ def record_kind(path: str) -> str:
             rec = decode_record(payload)
         except BadRecord:
             continue
-        for key, kind in (("messages", "sft"), ("choices", "choice"), ("text", "pretrain")):
+        for key, kind in (("messages", "sft"), ("choices", "choice"), ("answers", "ruler"), ("text", "pretrain")):
             if key in rec:
                 return kind
-    raise ConfigError(f"--data {path}: no record is a JSON object with 'text', 'messages' or 'choices' "
+    raise ConfigError(f"--data {path}: no record is a JSON object with 'text', 'messages', 'choices' or 'answers' "
                       f"({len(source)} records)")
 
 

@@ -1,8 +1,8 @@
 """`evaluate(checkpoint, data)`: load anything `t5gemma2_jax.load` reads, then on an evaluation file
 the teacher-forced loss and perplexity (pretraining text or SFT conversations, per UL2 task when
 the text is scored under several), generation metrics (SFT: the last model turn is the reference;
-text: the continuation of a prefix) and multiple-choice accuracy; results as one JSON object,
-predictions one JSON line per example."""
+text: the continuation of a prefix), multiple-choice accuracy and the string match of long-context
+task records (`evaluation.ruler`); results as one JSON object, predictions one JSON line per example."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from t5gemma2_jax.evaluation.examples import Skipped, iter_examples, record_kind
 from t5gemma2_jax.evaluation.generation import generation_eval
 from t5gemma2_jax.evaluation.perplexity import perplexity
 from t5gemma2_jax.evaluation.placement import default_mesh, place
+from t5gemma2_jax.evaluation.ruler import read_records
+from t5gemma2_jax.evaluation.ruler_score import predict, table
 from t5gemma2_jax.loading import find_source, load, load_tokenizer_for, run_config
 from t5gemma2_jax.parallel import check_batch
 
@@ -55,7 +57,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None 
     kind = record_kind(data)
     cfg = _data_config(run.data if run is not None else DataConfig(), model.config, data, kind, options, tok)
     mesh, rules = default_mesh()
-    if kind != "choice":                        # loss batches are split over the devices like training's
+    if kind not in ("choice", "ruler"):         # loss batches are split over the devices like training's
         check_batch(cfg.batch_size, mesh, name="--batch-size")
     placed = place(model, mesh, rules)
     results: dict = {"checkpoint": str(checkpoint), "source": src.kind, "step": src.step, "data": data, "kind": kind}
@@ -67,6 +69,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None 
             metrics, rows = choice_eval(placed, mesh, rules, tok, records, chat=options.chat, mode=options.mode,
                                         progress=bar.update)
             results.update(metrics)
+        elif kind == "ruler":
+            rows = predict(model, tok, read_records(data)[:options.max_examples], batch_size=cfg.batch_size,
+                           max_new_tokens=options.max_new_tokens, progress=bar.update)
+            results.update({"string_match": sum(r["score"] for r in rows) / len(rows), "examples": len(rows),
+                            "table": table(rows)})
         else:
             loss = perplexity(placed, mesh, rules, cfg, tok, max_batches=options.max_batches, progress=bar.update)
             if not loss["tokens"]:
