@@ -38,6 +38,7 @@ from t5gemma2_jax.config import (PRESETS, RUNTIME_FIELDS, SHAPE_FIELDS, ConfigEr
                                  default_layer_types, preset, same_value)
 from t5gemma2_jax.configlib import require as _require
 from t5gemma2_jax.data.config import DataConfig
+from t5gemma2_jax.train.tracking import WandbConfig
 
 SECTIONS = ("model", "data", "mesh", "optim", "train", "lora")
 QUANTIZE_BASE = ("none", "int8", "nf4")
@@ -147,6 +148,7 @@ class TrainConfig:
     distributed: str = "auto"  # jax.distributed.initialize(): auto-detect, on, off
     max_nonfinite_steps: int = 10  # this many steps in a row with a non-finite loss/gradient stop the run
     allow_data_restart: bool = False  # resume from a checkpoint without data-iterator state (data restarts)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases logging (train/tracking.py)
 
     def __post_init__(self):
         for name in ("steps", "microbatches", "log_every", "eval_steps", "checkpoint_every",
