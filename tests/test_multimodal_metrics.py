@@ -175,3 +175,15 @@ def test_evaluate_refuses_unknown_metrics(tmp_path, capsys):
                                          "--metrics", "anls,bleurt", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --metrics: unknown ['bleurt']") and err.count("\n") == 1, err
+
+
+def test_a_missing_metric_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from t5gemma2_jax.configlib import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycocoevalcap" else real(name, *a))
+    metrics.check_available(["anls", "vqa_accuracy"])
+    with pytest.raises(ConfigError, match=r"--metrics: pycocoevalcap not installed \(pip install 't5gemma2-jax\[multimodal-metrics\]'\)"):
+        metrics.check_available(["cider"])

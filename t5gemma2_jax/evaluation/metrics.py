@@ -9,9 +9,11 @@ answer of an example; `score` computes any of them by name.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Callable, Sequence
 
+from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.evaluation import multimodal_metrics
 
 
@@ -68,6 +70,16 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence], float]] = {
     "relaxed_accuracy": multimodal_metrics.relaxed_accuracy, "cider": multimodal_metrics.cider,
 }
 TEXT_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
+# The packages of the metrics that come with the `multimodal-metrics` extra.
+EXTRA_PACKAGES = {"anls": ("anls",), "cider": ("pycocoevalcap", "nltk")}
+
+
+def check_available(names: Sequence[str]) -> None:
+    """ConfigError naming the extra to install when a metric's package is missing (checked before
+    a model is loaded, not after its generations)."""
+    missing = sorted({p for n in names for p in EXTRA_PACKAGES.get(n, ()) if importlib.util.find_spec(p) is None})
+    if missing:
+        raise ConfigError(f"--metrics: {', '.join(missing)} not installed (pip install 't5gemma2-jax[multimodal-metrics]')")
 
 
 def score(names: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from t5gemma2_jax.data.sources import open_source
 from t5gemma2_jax.evaluation.choices import choice_eval, read_choice_records
 from t5gemma2_jax.evaluation.examples import Skipped, iter_indexed_examples, record_answers, record_kind
 from t5gemma2_jax.evaluation.generation import generation_eval
-from t5gemma2_jax.evaluation.metrics import METRICS, TEXT_METRICS
+from t5gemma2_jax.evaluation.metrics import METRICS, TEXT_METRICS, check_available
 from t5gemma2_jax.evaluation.perplexity import perplexity
 from t5gemma2_jax.evaluation.placement import default_mesh, place
 from t5gemma2_jax.loading import find_source, load, load_tokenizer_for, run_config
@@ -50,6 +50,7 @@ class EvalOptions:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
             raise ConfigError(f"--metrics: unknown {unknown or 'empty list'}; known: {','.join(METRICS)}")
+        check_available(self.metrics)
 
 
 def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None = None, dtype: str | None = None,
