@@ -82,7 +82,7 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], out: str | os.PathLi
             for n, a in read(wanted).items():
                 sums[n] += np.asarray(a, np.float32)
         for n in group:
-            averaged[n] = jnp.asarray(sums[n] / len(sources), dtype=shapes[n].dtype)
+            averaged[n] = jax.device_put((sums[n] / len(sources)).astype(shapes[n].dtype), jax.devices("cpu")[0])
     out = save_export(out, configs[0], averaged)
     if jax.process_index() == 0:
         _record_provenance(out, sources)
@@ -106,17 +106,19 @@ def _check_same_architecture(sources: list[Source], configs: list[T5Gemma2Config
 
 
 def _reader(src: Source, cfg: T5Gemma2Config):
-    """`read(shapes) -> {name: array}` of one source."""
+    """`read(shapes) -> {name: array}` of one source, into host memory (not an accelerator's)."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     if src.kind == "run":
-        return lambda shapes: load_run_params(src.path, shapes)
+        return lambda shapes: load_run_params(src.path, shapes, {n: cpu for n in shapes})
     if src.kind == "export":
-        return lambda shapes: load_export_arrays(src.path, shapes)
+        return lambda shapes: load_export_arrays(src.path, shapes, {n: cpu for n in shapes})
     # A Hugging Face directory is read whole once (its tensors are not stored by our names).
     cache: dict[str, jax.Array] = {}
 
     def read(shapes):
         if not cache:
-            cache.update(flat_params(load_hf(src.path, dtype=jnp.float32, text_only=not cfg.with_vision)))
+            with jax.default_device(jax.devices("cpu")[0]):
+                cache.update(flat_params(load_hf(src.path, dtype=jnp.float32, text_only=not cfg.with_vision)))
         return {n: cache.pop(n) for n in shapes}
     return read
 

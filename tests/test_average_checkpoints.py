@@ -42,6 +42,15 @@ def test_average_of_the_last_two_steps_is_their_elementwise_mean(run, tmp_path):
     ids = np.array([[2, 10, 11, 12]])
     assert np.isfinite(np.asarray(model(ids, ids).logits)).all()
     assert tg.load_tokenizer_for(out, model.config).vocab_size == model.config.vocab_size
+    # the other readers of a checkpoint path: train.init_from and generate.py
+    from t5gemma2_jax.train.config import load_config
+
+    cfg = load_config(None, [f"train.init_from={out}", "data.max_images_per_row=0",
+                             "model.encoder.num_layers=2", "model.decoder.num_layers=2"])
+    assert cfg.model_config().architecture_differences(model.config) == []
+    text = load_script("generate").generate_text(["--checkpoint", str(out), "--prompt", "a red circle",
+                                                  "--max-new-tokens", "3"])
+    assert isinstance(text, str)
 
 
 @pytest.mark.slow
