@@ -9,6 +9,11 @@
         --out results.json --predictions predictions.jsonl
     # multiple choice ({"prompt", "choices", "answer"} records): accuracy by log-likelihood
     python scripts/evaluate.py --checkpoint workdirs/sft --data choices.jsonl --chat
+    # image+question records (SFT records with images, "answers": every accepted answer) scored
+    # with the benchmarks' metrics: ANLS (DocVQA), VQA accuracy (TextVQA, VQAv2), relaxed
+    # accuracy (ChartQA), CIDEr (captions)
+    python scripts/evaluate.py --checkpoint workdirs/vqa --data textvqa.jsonl --generate \
+        --metrics vqa_accuracy,anls,exact_match --out results.json
 
 --checkpoint takes what generate.py takes: a training work directory (its newest complete step, also
 of a run stopped early or without an export), a step directory, a params export, a Hugging Face
@@ -54,6 +59,8 @@ def run(argv=None) -> dict:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="choice prompts in the chat template")
     p.add_argument("--mode", help="choice prompts after this UL2 mode token, e.g. [S2S]")
+    p.add_argument("--metrics", help="comma-separated generation metrics (default: exact_match,rouge_l,bleu,chrf; "
+                   "also anls, vqa_accuracy, relaxed_accuracy, cider)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
@@ -67,7 +74,9 @@ def run(argv=None) -> dict:
     options = EvalOptions(generate=a.generate, max_examples=a.max_examples, max_batches=a.max_batches,
                           batch_size=a.batch_size, encoder_length=a.encoder_length, decoder_length=a.decoder_length,
                           max_new_tokens=a.max_new_tokens, method=a.method, num_beams=a.num_beams,
-                          stop=tuple(a.stop), chat=a.chat, mode=a.mode, progress=not a.no_progress)
+                          stop=tuple(a.stop), chat=a.chat, mode=a.mode, progress=not a.no_progress,
+                          **({"metrics": tuple(m.strip() for m in a.metrics.split(",") if m.strip())}
+                             if a.metrics is not None else {}))
     results = evaluate(a.checkpoint, a.data, tokenizer=a.tokenizer, dtype=a.dtype, options=options, out=a.out,
                        predictions=a.predictions)
     shown = {k: v for k, v in results.items() if k not in ("config", "skipped_places")}

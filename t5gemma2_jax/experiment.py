@@ -83,6 +83,26 @@ class OptimConfig:
         _require(self.mu_dtype in MU_DTYPES, "optim.mu_dtype", f"{self.mu_dtype!r} not in {MU_DTYPES}")
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = False
+    project: str = "t5gemma2-jax"
+    entity: str | None = None
+    name: str | None = None      # default: the work directory's name
+    group: str | None = None     # e.g. one ablation study
+    tags: tuple[str, ...] = ()
+    notes: str | None = None
+    mode: str = "online"         # "offline": written under WORKDIR/wandb for `wandb sync`
+    dir: str | None = None       # default: the work directory
+
+    def __post_init__(self):
+        configlib.require_choice(self.mode, "train.wandb.mode", WANDB_MODES)
+        configlib.require(bool(self.project), "train.wandb.project", "must be a non-empty string")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
@@ -112,6 +132,7 @@ class TrainConfig:
     distributed: str = "auto"  # jax.distributed.initialize(): auto-detect, on, off
     max_nonfinite_steps: int = 10  # this many steps in a row with a non-finite loss/gradient stop the run
     allow_data_restart: bool = False  # resume from a checkpoint without data-iterator state (data restarts)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases logging (train/tracking.py)
 
     def __post_init__(self):
         for name in ("steps", "microbatches", "log_every", "eval_steps", "checkpoint_every",

@@ -18,7 +18,7 @@ LAYERS = {
     "t5gemma2_jax.model": 3,
     "t5gemma2_jax.checkpoints": 4, "t5gemma2_jax.generation": 4, "t5gemma2_jax.adapters": 4,
     "t5gemma2_jax.experiment": 5, "t5gemma2_jax.modeldef": 5, "t5gemma2_jax.loading": 5, "t5gemma2_jax.cli": 5,
-    "t5gemma2_jax.evaluation": 6,
+    "t5gemma2_jax.evaluation": 6, "t5gemma2_jax.averaging": 6,
     "t5gemma2_jax.train": 7,
     "t5gemma2_jax": 8,
 }

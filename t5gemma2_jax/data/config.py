@@ -30,6 +30,7 @@ LONG_DOCUMENT_POLICIES = ("split", "skip")
 SFT_TURNS = ("all", "last")
 SFT_TRUNCATION = ("drop_turns", "skip")
 UNKNOWN_FIELD_POLICIES = ("skip", "ignore")
+IMAGE_DENOISERS = ("all", "prefix")
 
 
 # The data layer's name for the one config error type.
@@ -170,6 +171,7 @@ class DataConfig:
         default_factory=lambda: parse_denoisers(DEFAULT_DENOISERS_SPEC))
     ul2_mode_tokens: bool = True  # prepend [NLU]/[NLG]/[S2S] after bos
     long_documents: str = "split"  # text-only documents too long for a denoiser: split or skip
+    image_denoisers: str = "all"  # documents with images: every denoiser, or only the prefix LM ("prefix")
 
     # SFT (kind="sft").
     sft_turns: str = "all"  # one example per model turn ("all") or only the last model turn
@@ -216,6 +218,12 @@ class DataConfig:
                 raise DataConfigError("data.ul2_denoisers: at least one denoiser is needed")
             if sum(d.weight for d in self.ul2_denoisers) <= 0:
                 raise DataConfigError("data.ul2_denoisers: the weights must not all be 0")
+        if self.image_denoisers not in IMAGE_DENOISERS:
+            raise DataConfigError(f"data.image_denoisers: must be one of {IMAGE_DENOISERS}, got {self.image_denoisers!r}")
+        if self.kind == "pretrain" and self.image_denoisers == "prefix" and not any(
+                d.kind == "prefix" and d.weight > 0 for d in self.ul2_denoisers):
+            raise DataConfigError("data.image_denoisers: 'prefix' needs a prefix-LM denoiser (S:weight) with a "
+                                  "weight > 0 in data.ul2_denoisers")
         side = math.isqrt(self.mm_tokens_per_image)
         if side * side != self.mm_tokens_per_image:
             raise DataConfigError(

@@ -166,13 +166,15 @@ def build_dataset(cfg: DataConfig, split: str = "train", process_index: int = 0,
             per_task = {}
             for t, d in enumerate(specs):
                 task = PretrainExamples(denoisers, weights, seed=cfg.seed, task_index=t,
-                                        long_documents=cfg.long_documents)
+                                        long_documents=cfg.long_documents,
+                                        images_prefix_only=cfg.image_denoisers == "prefix")
                 per_task[d.name] = PackIterDataset(FlatMap(parsed(100 + t), task), **pack_kw)
             rows = (next(iter(per_task.values())) if len(per_task) == 1 else
                     grain.IterDataset.mix(per_task, {d.name: d.weight for d in specs}))
         else:
             task = PretrainExamples(denoisers, weights, seed=cfg.seed, task_index=None,
-                                    long_documents=cfg.long_documents)
+                                    long_documents=cfg.long_documents,
+                                    images_prefix_only=cfg.image_denoisers == "prefix")
             rows = PackIterDataset(FlatMap(parsed(1), task), **pack_kw)
 
     batch_size = cfg.per_host_batch_size(process_count)

@@ -3,7 +3,8 @@
 Schemas (one JSON object per line / record):
   pretrain: {"text": str, "images": [ref, ...]}    images optional; `<start_of_image>` in the
             text marks where each image goes (as many markers as images), else they come first.
-  sft:      {"messages": [{"role": "user"|"model", "content": str, "images": [ref, ...]}, ...]}
+  sft:      {"messages": [{"role": "user"|"model", "content": str, "images": [ref, ...]}, ...],
+             "answers": [str, ...]}   answers optional: the accepted answers evaluation scores against
             "assistant" is accepted for "model"; a leading "system" message is merged into the
             first user turn (Gemma has no system role); images only in user turns.
 A field not in the schema skips the record (`skipped/unknown_field`) unless
@@ -33,7 +34,9 @@ from t5gemma2_jax.data.sources import RawRecord, Unreadable
 from t5gemma2_jax.data.tokenizer import IMAGE_MARKER, Tokenizer
 
 PRETRAIN_FIELDS = frozenset({"text", "images"})
-SFT_FIELDS = frozenset({"messages"})
+# `answers`: every accepted answer of an image-question record (evaluation scores against them;
+# training reads the model turn)
+SFT_FIELDS = frozenset({"messages", "answers"})
 MESSAGE_FIELDS = frozenset({"role", "content", "images"})
 ROLES = {"user": "user", "model": "model", "assistant": "model", "system": "system"}
 

@@ -43,16 +43,21 @@ def _isolated(build, element: Document | Conversation) -> list[Example | Skip]:
 
 class PretrainExamples(FlatMapTransform):
     """Document -> [Example | Skip] with one denoiser (`task_index`) or a per-document draw
-    among all of them (`task_index=None`)."""
+    among all of them (`task_index=None`). With `images_prefix_only` a document with images is
+    used by the prefix-LM denoisers only (data.image_denoisers="prefix"): a span-corruption task
+    passes it on as a count-only `Skip`, the evaluation draw picks among the prefix denoisers."""
 
     def __init__(self, denoisers: list[Denoiser], weights: list[float], *, seed: int,
-                 task_index: int | None, long_documents: str = "split"):
+                 task_index: int | None, long_documents: str = "split", images_prefix_only: bool = False):
         self.denoisers = denoisers
         p = np.asarray(weights, np.float64)
         self.probs = p / p.sum()
+        prefix = p * np.array([d.spec.kind == "prefix" for d in denoisers])
+        self.image_probs = prefix / prefix.sum() if images_prefix_only and prefix.sum() > 0 else self.probs
         self.seed = seed
         self.task_index = task_index
         self.long_documents = long_documents
+        self.images_prefix_only = images_prefix_only
 
     def flat_map(self, element: Document | Skip) -> list[Example | Skip]:
         if isinstance(element, Skip):
@@ -60,12 +65,15 @@ class PretrainExamples(FlatMapTransform):
         return _isolated(self._examples, element)
 
     def _examples(self, doc: Document) -> list[Example | Skip]:
+        L, k = len(doc.text_ids), len(doc.images)
+        probs = self.image_probs if k else self.probs
         if self.task_index is None:
-            t = int(example_rng(self.seed, 0x5EED, doc.index).choice(len(self.probs), p=self.probs))
+            t = int(example_rng(self.seed, 0x5EED, doc.index).choice(len(probs), p=probs))
         else:
             t = self.task_index
         den = self.denoisers[t]
-        L, k = len(doc.text_ids), len(doc.images)
+        if k and self.images_prefix_only and den.spec.kind != "prefix":
+            return [Skip(doc.counts, doc.origin)]         # the record is counted, not skipped
         extra = counters.zeros()
         if L < den.min_text_len(k):
             return [make_skip("too_short", doc.origin, f"{L} text tokens are too few for "

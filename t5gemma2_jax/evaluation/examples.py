@@ -79,6 +79,13 @@ def prefix_lm(cfg: DataConfig) -> DenoiserSpec:
 def iter_examples(cfg: DataConfig, tok: Tokenizer, path: str, skipped: Skipped) -> Iterator[Example]:
     """Each record's example (SFT: its last model turn; text: a prefix-LM split), in file order;
     records that cannot be used are counted in `skipped`."""
+    for _, ex in iter_indexed_examples(cfg, tok, path, skipped):
+        yield ex
+
+
+def iter_indexed_examples(cfg: DataConfig, tok: Tokenizer, path: str,
+                          skipped: Skipped) -> Iterator[tuple[int, Example]]:
+    """`iter_examples` with the index of the record each example comes from."""
     source = open_source(path, cfg.image_root)
     parser = ParseRecord(kind=cfg.kind, tokenizer=tok, names=source.names, base_dirs=source.base_dirs,
                          image_size=cfg.image_size, mm_tokens_per_image=cfg.mm_tokens_per_image,
@@ -98,7 +105,20 @@ def iter_examples(cfg: DataConfig, tok: Tokenizer, path: str, skipped: Skipped) 
             if isinstance(ex, Skip):
                 skipped.add_skip(ex)
             else:
-                yield ex
+                yield i, ex
+
+
+def record_answers(source, index: int) -> list[str] | None:
+    """The `answers` of record `index` of an opened source (`data.sources.open_source`): every
+    accepted answer of an image-question record (VQA's ten annotators, DocVQA's variants), None
+    when it has none; ValueError when it is not a non-empty list of strings."""
+    rec = decode_record(source[index].payload)
+    answers = rec.get("answers")
+    if answers is None:
+        return None
+    if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+        raise ValueError(f"'answers' must be a non-empty list of strings, got {answers!r}")
+    return answers
 
 
 def prompt_ids(ex: Example, bos: int) -> np.ndarray:

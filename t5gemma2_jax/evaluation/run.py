@@ -1,8 +1,10 @@
 """`evaluate(checkpoint, data)`: load anything `t5gemma2_jax.load` reads, then on an evaluation file
 the teacher-forced loss and perplexity (pretraining text or SFT conversations, per UL2 task when
 the text is scored under several), generation metrics (SFT: the last model turn is the reference;
-text: the continuation of a prefix), multiple-choice accuracy and the string match of long-context
-task records (`evaluation.ruler`); results as one JSON object, predictions one JSON line per example."""
+text: the continuation of a prefix; image-question records: against their `answers`, with the
+benchmarks' metrics chosen by `EvalOptions.metrics`), multiple-choice accuracy and the string match
+of long-context task records (`evaluation.ruler`); results as one JSON object, predictions one JSON
+line per example."""
 
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from tqdm import tqdm
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.config import DataConfig
 from t5gemma2_jax.data.pipeline import check_data_files
+from t5gemma2_jax.data.sources import open_source
 from t5gemma2_jax.evaluation.choices import choice_eval, read_choice_records
-from t5gemma2_jax.evaluation.examples import Skipped, iter_examples, record_kind
+from t5gemma2_jax.evaluation.examples import Skipped, iter_indexed_examples, record_answers, record_kind
 from t5gemma2_jax.evaluation.generation import generation_eval
+from t5gemma2_jax.evaluation.metrics import METRICS, TEXT_METRICS, check_available
 from t5gemma2_jax.evaluation.perplexity import perplexity
 from t5gemma2_jax.evaluation.placement import default_mesh, place
 from t5gemma2_jax.evaluation.ruler import read_records
@@ -43,6 +47,13 @@ class EvalOptions:
     chat: bool = False              # choice prompts in the chat template
     mode: str | None = None         # choice prompts after a UL2 mode token
     progress: bool = True
+    metrics: tuple[str, ...] = TEXT_METRICS   # generation metrics, names in `metrics.METRICS`
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ConfigError(f"--metrics: unknown {unknown or 'empty list'}; known: {','.join(METRICS)}")
+        check_available(self.metrics)
 
 
 def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None = None, dtype: str | None = None,
@@ -81,8 +92,14 @@ def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None 
                                   f"{loss['skipped'] or 'none'})")
             results.update(loss)
             if options.generate:
-                examples = []
-                for ex in iter_examples(cfg, tok, data, skipped):
+                examples, answers = [], []
+                source = open_source(data, cfg.image_root)
+                for i, ex in iter_indexed_examples(cfg, tok, data, skipped):
+                    try:
+                        answers.append(record_answers(source, i) if kind == "sft" else None)
+                    except ValueError as e:
+                        skipped.add("bad_answers", f"{data} record {i + 1} ({e})")
+                        continue
                     examples.append(ex)
                     if options.max_examples is not None and len(examples) >= options.max_examples:
                         break
@@ -92,7 +109,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None 
                     model, tok, examples, max_images=cfg.max_images_per_row if model.config.with_vision else 0,
                     image_size=cfg.image_size, batch_size=cfg.batch_size, progress=bar.update,
                     max_new_tokens=options.max_new_tokens or cfg.decoder_length, method=options.method,
-                    num_beams=options.num_beams, stop=options.stop)
+                    num_beams=options.num_beams, stop=options.stop, metrics=options.metrics,
+                    answers=answers if any(a is not None for a in answers) else None)
                 results.update(metrics)
     if skipped.total:
         results["generation_skipped" if kind != "choice" else "skipped"] = skipped.counts

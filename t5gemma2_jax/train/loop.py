@@ -27,6 +27,7 @@ from t5gemma2_jax.train.metrics import MetricsWriter, Progress
 from t5gemma2_jax.train.plots import save_loss_plot
 from t5gemma2_jax.train.setup import PreemptionGuard, prepare, save_resolved_config
 from t5gemma2_jax.train.step import CompiledSteps
+from t5gemma2_jax.train.tracking import WandbRun, git_state
 from t5gemma2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,9 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     if start >= t.steps:
         return {"start_step": start, "step": start, "preempted": False}, None
     summary = {"start_step": start, "step": start, "preempted": False, "stopped_by": None, "diverged": False}
-    writer = MetricsWriter(workdir, resume_step=start, tensorboard=t.tensorboard, enabled=pidx == 0)
+    git = git_state()      # the code this run (or this resumption of it) ran, in every checkpoint's metadata
+    tracker = WandbRun(t.wandb, workdir, {**cfg.to_dict(), "git": git}) if t.wandb.enabled and pidx == 0 else None
+    writer = MetricsWriter(workdir, resume_step=start, tensorboard=t.tensorboard, enabled=pidx == 0, tracker=tracker)
     tic = time.time()
     steps = trainer.compile()
     log.info("compiled the train step in %.1f s", time.time() - tic)
@@ -161,7 +164,8 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
     step_flops = trainer.step_flops().train_per_step
     peak, peak_src = flops_lib.peak_flops_per_device(mesh.devices.flat[0], t.peak_tflops)
     log.info("%.4g TFLOP per step (analytic); peak %.4g TFLOP/s per device (%s)", step_flops / 1e12, peak / 1e12, peak_src)
-    meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": trainer.model_config.to_dict()}
+    meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": trainer.model_config.to_dict(),
+            "git": git}
     if not trainer.saves_base:     # on resume, the ones `_restore` has just verified the base against
         meta["base_checksums"] = meta_in.get("base_checksums") or checksums(state["frozen"])
     divergence = Divergence(t.max_nonfinite_steps, meta_in.get("nonfinite_steps", 0), start)

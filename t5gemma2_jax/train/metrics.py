@@ -1,5 +1,6 @@
 """Metrics out: `WORKDIR/metrics.jsonl` (one JSON object per logged step), TensorBoard event files
-under `WORKDIR/tensorboard/`, and a tqdm progress bar. Only process 0 writes.
+under `WORKDIR/tensorboard/`, a Weights & Biases run when one is given (`train/tracking`), and a
+tqdm progress bar. Only process 0 writes.
 
 A train row carries the step's metrics and the data's counters (`records_seen`, `examples`,
 `skipped/<reason>`, ...: `t5gemma2_jax.data.counters`), which TensorBoard shows under `data/`.
@@ -67,10 +68,11 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 class MetricsWriter:
     def __init__(self, workdir: str | Path, *, resume_step: int = 0, tensorboard: bool = True,
-                 enabled: bool = True):
+                 enabled: bool = True, tracker=None):
         self.enabled = enabled
         self.path = Path(workdir) / METRICS_FILE
         self.tb = None
+        self.tracker = tracker if enabled else None   # a `tracking.WandbRun`: gets what TensorBoard gets
         if not enabled:
             return
         self._truncate(resume_step)
@@ -100,11 +102,14 @@ class MetricsWriter:
         row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {tensorboard_tag(k): v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(tensorboard_tag(k), v, int(step))
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, int(step))
             self.tb.flush()
+        if self.tracker is not None and scalars:
+            self.tracker.log(int(step), scalars)
 
     def write_text(self, step: int, tag: str, rows: list[dict]) -> None:
         """Rows of text (sample predictions) as one TensorBoard text entry (metrics.jsonl holds
@@ -113,11 +118,16 @@ class MetricsWriter:
             self.tb.add_text(tag, "\n\n".join(" | ".join(f"**{k}**: {v}" for k, v in r.items()) for r in rows),
                              int(step))
             self.tb.flush()
+        if self.tracker is not None and rows:
+            self.tracker.log_rows(int(step), tag, rows)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
 
 class Progress:
