@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from t5gemma2_jax.configlib import ConfigError
-from t5gemma2_jax.train.plots import _figure, _save
+from t5gemma2_jax.figures import figure, save_png
 
 # Counts that describe the evaluation rather than score the model.
 BOOKKEEPING = frozenset({"step", "tokens", "batches", "records_seen", "examples", "records"})
@@ -119,7 +119,7 @@ def plot_comparison(variants: list[str], rows: list[str], values: dict[tuple[str
     """One panel per metric (its own scale), one bar per variant in the same colour in every panel."""
     cols = min(3, len(rows))
     grid = -(-len(rows) // cols)
-    fig = _figure(2.6 * grid)
+    fig = figure(2.6 * grid)
     fig.set_figwidth(3.4 * cols)
     axes = fig.subplots(grid, cols, squeeze=False)
     colours = [f"C{i % 10}" for i in range(len(variants))]
@@ -131,4 +131,4 @@ def plot_comparison(variants: list[str], rows: list[str], values: dict[tuple[str
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(rows):]:
         ax.set_visible(False)
-    return _save(fig, Path(out))
+    return save_png(fig, Path(out))

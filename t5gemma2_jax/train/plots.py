@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from t5gemma2_jax.configlib import ConfigError
+from t5gemma2_jax.figures import figure, save_png
 from t5gemma2_jax.train.metrics import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
@@ -58,26 +58,6 @@ def _require(found: bool, what: str, workdir: Path, rows: list[dict]) -> None:
                         f"(keys there: {', '.join(keys) or 'none'})")
 
 
-def _figure(height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
 def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     """Draws train and eval loss against the step, with the learning rate in a panel below, to
     `out` (default `workdir/loss.png`); returns the file written."""
@@ -89,7 +69,7 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     _require(bool(train_steps or eval_steps), "'loss' or 'eval_loss'", workdir, rows)
     lr_steps, lr = series(rows, LR_KEY)
 
-    fig = _figure(5.0 if lr else 3.5)
+    fig = figure(5.0 if lr else 3.5)
     axes = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1]) if lr else [fig.subplots()]
     ax = axes[0]
     if train_steps:
@@ -106,7 +86,7 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
         axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         axes[1].grid(alpha=0.3)
     axes[-1].set_xlabel("step")
-    return _save(fig, Path(out) if out is not None else workdir / LOSS_PLOT)
+    return save_png(fig, Path(out) if out is not None else workdir / LOSS_PLOT)
 
 
 def _run_names(workdirs: Sequence[Path]) -> list[str]:
@@ -128,7 +108,7 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path, metric: str = "lo
         _require(bool(steps), repr(metric), w, rows)
         curves.append((steps, values))
 
-    fig = _figure(4.0)
+    fig = figure(4.0)
     ax = fig.subplots()
     for name, (steps, values) in zip(_run_names(workdirs), curves):
         ax.plot(steps, values, "o-" if len(steps) <= 20 else "-", markersize=3, label=name)
@@ -136,7 +116,7 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path, metric: str = "lo
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, Path(out))
+    return save_png(fig, Path(out))
 
 
 def save_loss_plot(workdir: str | Path, *, enabled: bool = True) -> Path | None:
