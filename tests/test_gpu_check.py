@@ -5,6 +5,7 @@ check, and the refusal of a machine whose JAX sees no GPU."""
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import hashlib
 import os
@@ -150,10 +151,56 @@ def test_prepare_against_pypi_fits_and_holds_grain(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The JSON lines of the benchmark's parts, as gpu_check.sh runs them (here on CPU, tiny shapes).
+# The benchmark's parts as gpu_check.sh runs them: the command line, the summary, and (slow: a train
+# step and generation compiled in each framework) every field of their JSON lines on CPU.
 
 SHAPE = ["--preset", "tiny", "--encoder-length", "16", "--decoder-length", "8", "--batch", "2", "--steps", "1",
          "--new-tokens", "2", "--dtype", "bfloat16"]
+bench = load_script("benchmark")
+
+
+def test_benchmark_arguments_are_checked_before_any_work(tmp_path, capsys):
+    for args, message in ((["--what", "train,decode"], "--what: unknown parts ['decode']"),
+                          (["--steps", "0"], "--steps must be at least 1"),
+                          (["--framework", "torch"], "argument --framework: invalid choice"),
+                          (["--summarize", str(tmp_path / "absent.jsonl")], "--summarize: cannot read")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(SHAPE + args)
+        assert e.value.code == 2 and message in capsys.readouterr().err, args
+
+
+def _line(**fields):
+    base = dict(preset="1b-1b", batch=8, encoder_length=2048, decoder_length=512, dtype="bfloat16",
+                device="gpu:NVIDIA H100 80GB HBM3", peak_tflops=989.0)
+    return base | fields
+
+
+def test_the_summary_joins_the_parts_against_the_targets(tmp_path, capsys):
+    """One row per shape from the parts' lines (and gpu_check.sh's error and skip lines): the
+    frameworks' ratios, each target met, missed or unknown."""
+    lines = [_line(framework="jax", part="train", train_step_s=1.0, train_mfu=0.45, measured_peak_tflops=790.0,
+                   train_mfu_measured=0.56, train_peak_device_memory_gb=40.0, generate_s=None),
+             _line(framework="hf", part="generate,train", hf_train_step_s=1.2, hf_generate_s=4.0,
+                   hf_generate_tokens_per_s=256.0, hf_precision="autocast"),
+             _line(framework="jax", part="generate", generate_s=1.0, generate_tokens_per_s=1024.0),
+             _line(preset="270m-270m", part="jax train", error="timed out after 150s"),
+             _line(preset="270m-270m", part="transformers", hf_skipped="transformers 5.17.0 has no model"),
+             {"unrelated": 1}]
+    big, small = bench.summarize(lines)
+    assert big["train_speedup_vs_hf"] == pytest.approx(1.2) and big["generate_speedup_vs_hf"] == pytest.approx(4.0)
+    assert big["targets"] == {"train_mfu": True, "train_speedup_vs_hf": False, "generate_speedup_vs_hf": True}
+    assert big["generate_s"] == 1.0 and big["train_peak_device_memory_gb"] == 40.0   # a None never hides a value
+    assert small["errors"] == ["jax train: timed out after 150s"]
+    assert small["targets"] == {"train_mfu": None, "train_speedup_vs_hf": None, "generate_speedup_vs_hf": None}
+    path = tmp_path / "gpu_check.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert len(bench.main(["--summarize", str(path)])) == 2
+    text = capsys.readouterr().out
+    assert "1b-1b batch 8 x (2048 + 512) bfloat16 on gpu:NVIDIA H100 80GB HBM3" in text
+    assert "MFU 45.0% of 989 (datasheet), 56.0% of 790 TFLOP/s (measured)" in text and "->  1.20x" in text
+    assert "train_speedup_vs_hf >= 1.5: MISSED" in text and "generate_speedup_vs_hf >= 2.0: met" in text
+    assert "transformers skipped: transformers 5.17.0 has no model" in text
+    assert "failed: jax train: timed out after 150s" in text
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +208,17 @@ def benchmark_lines(tmp_path_factory):
     """JAX's train step (with the matmul peak and the profile) and generation, and transformers'
     train step and generation, each a `main` call of its own as gpu_check.sh runs them."""
     tmp = tmp_path_factory.mktemp("bench")
-    bench = load_script("benchmark")
     out = tmp / "gpu_check.jsonl"
     bench.main(SHAPE + ["--what", "train", "--peak-matmul", "128", "--profile", str(tmp / "profile_tiny.txt"),
                         "--json", str(out)])
     bench.main(SHAPE + ["--what", "generate", "--json", str(out)])
     bench.main(SHAPE + ["--framework", "hf", "--what", "train,generate", "--json", str(out)])
-    return bench, tmp, [json.loads(x) for x in out.read_text().splitlines()]
+    return tmp, [json.loads(x) for x in out.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_every_field_of_the_jax_parts(benchmark_lines):
-    _, tmp, (train, generate, _) = benchmark_lines
+    tmp, (train, generate, _) = benchmark_lines
     for line in (train, generate):
         assert line["framework"] == "jax" and line["preset"] == "tiny" and line["dtype"] == "bfloat16"
         assert (line["batch"], line["encoder_length"], line["decoder_length"], line["new_tokens"]) == (2, 16, 8, 2)
@@ -195,33 +242,51 @@ def test_every_field_of_the_jax_parts(benchmark_lines):
     assert text.startswith("tiny train step, batch 2 x (16 + 8) bfloat16") and "by kind: " in text
 
 
+@pytest.mark.slow
 def test_every_field_of_the_transformers_parts(benchmark_lines):
-    *_, (_, _, hf) = benchmark_lines
+    _, (*_, hf) = benchmark_lines
     assert hf["framework"] == "hf" and hf["hf_precision"] == "autocast" and hf["versions"]["transformers"]
     assert hf["hf_train_step_s"] > 0 and hf["hf_generate_s"] > 0
     assert hf["hf_generate_tokens_per_s"] == pytest.approx(2 * 2 / hf["hf_generate_s"])
     assert hf["hf_train_peak_device_memory_gb"] is None and hf["hf_generate_peak_device_memory_gb"] is None
     assert "train_step_s" not in hf and "generate_s" not in hf
+    row, = bench.summarize(benchmark_lines[1])
+    assert row["train_speedup_vs_hf"] == pytest.approx(hf["hf_train_step_s"] / row["train_step_s"])
 
 
-def test_the_summary_joins_the_parts_against_the_targets(benchmark_lines, capsys):
-    bench, tmp, lines = benchmark_lines
-    # gpu_check.sh's own lines: a part that failed, and the shape of another preset without transformers.
-    shape = {k: lines[0][k] for k in ("batch", "encoder_length", "decoder_length", "dtype")}
-    extra = [dict(preset="tiny", **shape, part="jax generate", error="timed out after 90s"),
-             dict(preset="other", **shape, part="transformers", hf_skipped="transformers 5.17.0 has no model")]
-    rows = bench.summarize(lines + extra)
-    assert [r["preset"] for r in rows] == ["tiny", "other"]
-    tiny, other = rows
-    assert tiny["train_speedup_vs_hf"] == pytest.approx(tiny["hf_train_step_s"] / tiny["train_step_s"])
-    assert tiny["generate_speedup_vs_hf"] == pytest.approx(tiny["hf_generate_s"] / tiny["generate_s"])
-    assert tiny["targets"]["train_mfu"] is (tiny["train_mfu"] >= 0.4)
-    assert tiny["errors"] == ["jax generate: timed out after 90s"]
-    assert other["targets"] == {"train_mfu": None, "train_speedup_vs_hf": None, "generate_speedup_vs_hf": None}
-    # The command line prints the same rows from the file.
-    with open(tmp / "gpu_check.jsonl", "a") as f:
-        f.writelines(json.dumps(x) + "\n" for x in extra)
-    assert len(bench.main(["--summarize", str(tmp / "gpu_check.jsonl")])) == 2
-    text = capsys.readouterr().out
-    assert "tiny batch 2 x (16 + 8) bfloat16" in text and "transformers skipped: transformers 5.17.0 has no model" in text
-    assert "failed: jax generate: timed out after 90s" in text and "train_speedup_vs_hf >= 1.5: " in text
+def _trace(folder: Path, events: list[dict]) -> Path:
+    run = folder / "plugins" / "profile" / "run"
+    run.mkdir(parents=True)
+    with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return folder
+
+
+def test_the_profile_summary_reads_a_gpu_trace(tmp_path):
+    """A GPU trace as the profiler writes it: the device's XLA op track is read (not its kernel
+    streams, not the host), each op counted without what is nested in it."""
+    from t5gemma2_jax.train.profile import summarize
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0 NVIDIA H100"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "XLA Ops"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "python"}}]
+    ops = [("while.3", 0, 1000), ("dot.7", 0, 600), ("cudnn-fmha.2", 600, 300), ("all-reduce.1", 1000, 100),
+           ("loop_fusion.9", 1100, 50)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 1, "name": n, "ts": t, "dur": d} for n, t, d in ops]
+    events += [{"ph": "X", "pid": 1, "tid": 2, "name": "sm90_xmma_gemm", "ts": 0, "dur": 600},
+               {"ph": "X", "pid": 2, "tid": 1, "name": "PjitFunction(step)", "ts": 0, "dur": 5000}]
+    s = summarize(_trace(tmp_path / "a", events), steps=2, wall_s=0.002)
+    assert s.source == "/device:GPU:0 NVIDIA H100 (XLA ops)"
+    assert dict(s.by_name) == pytest.approx({"dot.7": 600e-6, "cudnn-fmha.2": 300e-6, "while.3": 100e-6,
+                                             "all-reduce.1": 100e-6, "loop_fusion.9": 50e-6})
+    assert s.busy_s == pytest.approx(1150e-6) and s.by_name[0][0] == "dot.7"
+    assert s.by_kind == pytest.approx({"matmul": 600e-6, "attention": 300e-6, "other": 150e-6, "collective": 100e-6})
+    assert s.top(2) == [{"name": "dot.7", "share": pytest.approx(600 / 1150)},
+                        {"name": "cudnn-fmha.2", "share": pytest.approx(300 / 1150)}]
+    assert "  52.2%     0.300  dot.7" in s.text() and "by kind: matmul 52.2%, attention 26.1%" in s.text()
+    # Without an op track the kernels of the device's streams are read.
+    no_ops = [e for e in events if not (e.get("tid") == 1 and e["pid"] == 1)]
+    k = summarize(_trace(tmp_path / "b", no_ops))
+    assert k.source == "/device:GPU:0 NVIDIA H100 (kernels)" and k.by_kind == pytest.approx({"matmul": 600e-6})
