@@ -6,7 +6,7 @@
 #                                           # (grain, array_record, ...) into .device/wheels
 #   bash scripts/gpu_check.sh [--out DIR] [--presets "1b-1b 270m-270m"] [--batch 8] [--encoder-length 2048]
 #       [--decoder-length 512] [--steps 5] [--new-tokens 128] [--peak-matmul 8192] [--budget 480]
-#       [--wheels DIR] [--no-install] [--no-hf] [--no-profile]
+#       [--wheels DIR] [--no-install] [--no-hf] [--no-profile] [--cpu]
 #
 # On the GPU machine, from the checkout: installs the wheels into a directory on PYTHONPATH with
 # pip's --no-index (scripts/device_wheels.py), checks that every requirement of pyproject.toml is
@@ -25,6 +25,8 @@
 # part; `python scripts/benchmark.py --summarize DIR/gpu_check.jsonl` tabulates them),
 # gpu_check.log (versions, GPU, each part's output, the summary) and profile_<preset>.txt.
 # Exits 2 with one line on a machine whose JAX sees no GPU, or when the wheels are missing.
+# --cpu runs the same parts on the CPU instead (transformers on torch's CPU): the command itself,
+# tried with small shapes (--presets tiny) on a machine without a GPU.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -37,7 +39,7 @@ OUTDIR=${OUT:-gpu_check}
 PRESETS="1b-1b 270m-270m"
 BATCH=8; ENC=2048; DEC=512; STEPS=5; NEW=128; PEAK=8192; BUDGET=480
 WHEELS=.device/wheels
-PREPARE=0; INSTALL=1; HF=1; PROFILE=1
+PREPARE=0; INSTALL=1; HF=1; PROFILE=1; PLATFORM=gpu; HF_DEVICE=cuda
 while [ $# -gt 0 ]; do
     case "$1" in
         --prepare) PREPARE=1 ;;
@@ -52,6 +54,7 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0 ;;
         --no-hf) HF=0 ;;
         --no-profile) PROFILE=0 ;;
+        --cpu) PLATFORM=cpu; HF_DEVICE=cpu ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -82,7 +85,7 @@ else
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-if ! "$PY" -c 'import jax, sys; sys.exit(0 if jax.devices()[0].platform == "gpu" else 1)' 2>/dev/null; then
+if [ "$PLATFORM" = gpu ] && ! "$PY" -c 'import jax, sys; sys.exit(0 if jax.devices()[0].platform == "gpu" else 1)' 2>/dev/null; then
     die "JAX sees no GPU (run it on a GPU machine whose jax has the CUDA plugin)"
 fi
 "$PY" scripts/device_wheels.py check >>"$LOG" 2>&1 || die "unmet requirements (see $LOG)"
@@ -96,8 +99,9 @@ HF_SKIP=""
 if [ "$HF" = 0 ]; then
     HF_SKIP="--no-hf given"
 else
-    HF_SKIP=$("$PY" - <<'EOF' 2>>"$LOG"
+    HF_SKIP=$("$PY" - "$HF_DEVICE" <<'EOF' 2>>"$LOG"
 import importlib.metadata as m
+import sys
 try:
     import torch
     import transformers
@@ -106,7 +110,7 @@ except ImportError as e:
 else:
     if not hasattr(transformers, "T5Gemma2ForConditionalGeneration"):
         print(f"transformers {m.version('transformers')} has no T5Gemma2ForConditionalGeneration")
-    elif not torch.cuda.is_available():
+    elif sys.argv[1] == "cuda" and not torch.cuda.is_available():
         print(f"torch {torch.__version__} sees no CUDA device")
 EOF
 )
@@ -144,7 +148,7 @@ for preset in $PRESETS; do
         --peak-matmul "$PEAK" ${prof[@]+"${prof[@]}"} --json "$RESULTS"
     if [ -z "$HF_SKIP" ]; then
         JAX_PLATFORMS=cpu part "$preset" "transformers train,generate" 150 "$PY" scripts/benchmark.py \
-            --preset "$preset" $SHAPE --framework hf --hf-device cuda --what train,generate --json "$RESULTS"
+            --preset "$preset" $SHAPE --framework hf --hf-device "$HF_DEVICE" --what train,generate --json "$RESULTS"
     else
         record "$preset" hf_skipped "$HF_SKIP" transformers
     fi
