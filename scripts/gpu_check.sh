@@ -26,7 +26,7 @@
 # gpu_check.log (versions, GPU, each part's output, the summary) and profile_<preset>.txt.
 # Exits 2 with one line on a machine whose JAX sees no GPU, or when the wheels are missing.
 # --cpu runs the same parts on the CPU instead (transformers on torch's CPU): the command itself,
-# tried with small shapes (--presets tiny) on a machine without a GPU.
+# tried with small shapes (--presets tiny) on a machine without a GPU; its time limits are 6x.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -37,9 +37,11 @@ die() { echo "error: gpu_check.sh: $*" >&2; [ -n "${LOG:-}" ] && echo "error: $*
 
 OUTDIR=${OUT:-gpu_check}
 PRESETS="1b-1b 270m-270m"
-BATCH=8; ENC=2048; DEC=512; STEPS=5; NEW=128; PEAK=8192; BUDGET=480
+BATCH=8; ENC=2048; DEC=512; STEPS=5; NEW=128; PEAK=8192; BUDGET=
 WHEELS=.device/wheels
 PREPARE=0; INSTALL=1; HF=1; PROFILE=1; PLATFORM=gpu; HF_DEVICE=cuda
+# A CPU compiles and runs each part many times slower: its limits and budget are scaled.
+SCALE=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --prepare) PREPARE=1 ;;
@@ -54,12 +56,13 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0 ;;
         --no-hf) HF=0 ;;
         --no-profile) PROFILE=0 ;;
-        --cpu) PLATFORM=cpu; HF_DEVICE=cpu ;;
+        --cpu) PLATFORM=cpu; HF_DEVICE=cpu; SCALE=6 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
 done
+BUDGET=${BUDGET:-$((480 * SCALE))}
 for v in "$BATCH" "$ENC" "$DEC" "$STEPS" "$NEW" "$PEAK" "$BUDGET"; do
     [[ "$v" =~ ^[0-9]+$ ]] || die "'$v' is not a whole number"
 done
@@ -125,7 +128,7 @@ print(json.dumps({"preset": p, "batch": int(b), "encoder_length": int(s), "decod
                   "dtype": "bfloat16", k: v, "part": sys.argv[7]}))' "$1" "$2" "$3" "$BATCH" "$ENC" "$DEC" "${4:-}" >>"$RESULTS"
 }
 part() {  # preset, name, limit seconds, command...
-    local preset=$1 name=$2 limit=$3; shift 3
+    local preset=$1 name=$2 limit=$(($3 * SCALE)); shift 3
     local left=$((BUDGET - (SECONDS - START)))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 20 ]; then

@@ -290,3 +290,21 @@ def test_the_profile_summary_reads_a_gpu_trace(tmp_path):
     no_ops = [e for e in events if not (e.get("tid") == 1 and e["pid"] == 1)]
     k = summarize(_trace(tmp_path / "b", no_ops))
     assert k.source == "/device:GPU:0 NVIDIA H100 (kernels)" and k.by_kind == pytest.approx({"matmul": 600e-6})
+
+
+@pytest.mark.slow
+def test_the_whole_command_on_cpu(tmp_path):
+    """gpu_check.sh --cpu with tiny shapes: every part in its own process, one JSON line each, the
+    profile, and the summary at the end of the log."""
+    out = tmp_path / "out"
+    r = gpu_check("--cpu", "--no-install", "--presets", "tiny", "--batch", "2", "--encoder-length", "16",
+                  "--decoder-length", "8", "--steps", "1", "--new-tokens", "2", "--peak-matmul", "128",
+                  "--out", str(out), env={"JAX_PLATFORMS": ""})
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (out / "gpu_check.jsonl").read_text().splitlines()]
+    assert [(x["framework"], x["part"]) for x in lines] == [("jax", "train"), ("hf", "generate,train"), ("jax", "generate")]
+    assert not any("error" in x for x in lines)
+    log = (out / "gpu_check.log").read_text()
+    assert "== tiny jax train" in log and "== summary" in log and "train_mfu >= 0.4: " in log
+    assert (out / "profile_tiny.txt").read_text().startswith("tiny train step")
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.jsonl", "gpu_check.log", "profile_tiny.txt"]
