@@ -297,8 +297,8 @@ def summary_text(rows: list[dict]) -> str:
         lines.append(f"{r['preset']} batch {r['batch']} x ({r['encoder_length']} + {r['decoder_length']}) {r['dtype']}"
                      f" on {r.get('device', '?')}")
         lines.append(f"  train step   jax {f(r.get('train_step_s'), '.3f')} s  MFU {f(r.get('train_mfu'), '.1%')} of "
-                     f"{f(r.get('peak_tflops'), '.0f')} (datasheet), {f(r.get('train_mfu_measured'), '.1%')} of "
-                     f"{f(r.get('measured_peak_tflops'), '.0f')} TFLOP/s (measured)  |  transformers "
+                     f"{f(r.get('peak_tflops'), '.4g')} (datasheet), {f(r.get('train_mfu_measured'), '.1%')} of "
+                     f"{f(r.get('measured_peak_tflops'), '.4g')} TFLOP/s (measured)  |  transformers "
                      f"{f(r.get('hf_train_step_s'), '.3f')} s ({r.get('hf_precision', '-')})  ->  "
                      f"{f(r.get('train_speedup_vs_hf'), '.2f')}x")
         lines.append(f"  generation   jax {f(r.get('generate_tokens_per_s'), '.0f')} tok/s  |  transformers "
