@@ -11,7 +11,7 @@ LOGDIR ?= workdirs
 # The tested versions of every dependency (see the file's header).
 PIN    := -c constraints.txt
 
-.PHONY: install demo test test-slow test-all tensorboard clean
+.PHONY: install demo test test-slow test-all test-jax-next tensorboard clean
 
 $(BASE): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The default tier under the newer JAX of GPU images (jax 0.11.2, Python 3.12) in a scratch venv;
+# not in CI (see scripts/test_jax_next.sh).
+test-jax-next:
+	bash scripts/test_jax_next.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

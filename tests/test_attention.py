@@ -252,7 +252,9 @@ def test_splash_runs_its_kernel_when_compiled_for_tpu(monkeypatch):
     q = jnp.zeros((1, 128, 4, 128))
     mask = _mask(128, 128)
     splash.attention(q, q[:, :, :1], q[:, :, :1], mask, 0.1, 128)
-    tpu = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=jax.sharding.AbstractDevice("TPU v5p", 1, "tpu"))
+    # Auto axes, as the trainer's meshes have (jax 0.11 made Explicit the default of AbstractMesh).
+    tpu = jax.sharding.AbstractMesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                                    abstract_device=jax.sharding.AbstractDevice("TPU v5p", 1, "tpu"))
     with jax.sharding.use_abstract_mesh(tpu):
         jax.make_jaxpr(lambda q: splash.attention(q, q[:, :, :1], q[:, :, :1], mask, 0.1, 128))(q)
     assert seen == [True, False]
