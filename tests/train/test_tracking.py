@@ -105,7 +105,7 @@ def test_a_run_logs_to_wandb_and_records_its_commit(tmp_path):
     from helpers import small_config
 
     from t5gemma2_jax.train import train
-    from t5gemma2_jax.train.checkpoint import read_run_meta
+    from t5gemma2_jax.checkpoints.run import read_run_meta
 
     cfg = small_config(train={"steps": 4, "log_every": 2, "wandb": {"enabled": True, "mode": "offline",
                                                                       "project": "tests", "group": "g"}})
