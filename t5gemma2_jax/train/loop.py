@@ -27,6 +27,7 @@ from t5gemma2_jax.train.heldout import HeldOut
 from t5gemma2_jax.train.metrics import MetricsWriter, Progress
 from t5gemma2_jax.train.plots import save_loss_plot
 from t5gemma2_jax.train.preemption import PreemptionGuard
+from t5gemma2_jax.train.profile import StepProfiler
 from t5gemma2_jax.train.setup import prepare, save_resolved_config
 from t5gemma2_jax.train.step import CompiledSteps
 from t5gemma2_jax.train.trainer import Trainer
@@ -192,9 +193,11 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
         if held_out is not None:
             run_generation_eval(0)
     pending, last_time, last_step = [], time.time(), start
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard, StepProfiler(t.profile_steps, workdir, enabled=pidx == 0) as profiler:
         for step in range(start + 1, t.steps + 1):
-            state, m = steps.train(state, trainer.place_batch(next(data)))
+            with profiler.trace(step):
+                state, m = steps.train(state, trainer.place_batch(next(data)))
+            profiler.after(step, m)
             divergence.push(step, m["nonfinite"], m["param_norm"])
             pending.append(m)
             is_log = step % t.log_every == 0 or step == t.steps or step == start + 1
