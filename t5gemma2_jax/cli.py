@@ -73,6 +73,12 @@ LOG_FORMAT = "%(asctime)s [%(process_tag)s] %(levelname)s %(name)s: %(message)s"
 def configure_logging(level: int = logging.INFO, quiet: tuple[str, ...] = ("absl", "orbax", "jax._src")) -> None:
     """The scripts' logging: one stderr handler tagging each line with its process; `quiet`
     loggers from WARNING up."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        # absl's first log call (orbax logs while it is imported) runs logging.basicConfig(): a bare
+        # stderr handler that would take every line. Replace that one, keep any other (pytest's).
+        if type(h) is logging.StreamHandler and h.stream is sys.stderr and not h.filters:
+            root.removeHandler(h)
     handler = logging.StreamHandler()
     handler.addFilter(PROCESS_FILTER)
     handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))

@@ -113,3 +113,19 @@ def test_logs_info_from_process_0_only_each_line_naming_its_process():
     assert _records(0) == ["[p0] INFO compiled", "[p0] WARNING slow disk", "[p0] ERROR failed"]
     assert _records(3) == ["[p3] WARNING slow disk", "[p3] ERROR failed"]
     assert _records(None) == ["[p?] INFO compiled", "[p?] WARNING slow disk", "[p?] ERROR failed"]
+
+
+def test_the_scripts_logging_replaces_the_handler_absl_installs_on_import():
+    """Importing orbax logs through absl, whose first call runs logging.basicConfig(): the scripts'
+    format must still be the one every line gets."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging\nfrom t5gemma2_jax import cli\ncli.configure_logging()\n"
+            "logging.getLogger('t5gemma2_jax.x').info('before')\ncli.start_processes('off')\n"
+            "logging.getLogger('t5gemma2_jax.x').info('after')\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stderr
+    lines = [ln[9:] for ln in err.splitlines() if "t5gemma2_jax.x" in ln]
+    assert lines == ["[p?] INFO t5gemma2_jax.x: before", "[p0] INFO t5gemma2_jax.x: after"], err[-2000:]
