@@ -27,6 +27,7 @@ from t5gemma2_jax.train.checkpoint import CheckpointIOError
 
 USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError)
 USAGE = 2
+log = logging.getLogger(__name__)
 
 
 def one_line(error: BaseException) -> str:
@@ -92,7 +93,9 @@ def start_processes(mode: str) -> int:
     (and INFO from process 0 only); returns the index."""
     import jax
 
-    maybe_initialize_distributed(mode)
+    reason = maybe_initialize_distributed(mode)
     PROCESS_FILTER.index = jax.process_index()
+    if reason:
+        log.info("jax.distributed (%s): process %d of %d", reason, jax.process_index(), jax.process_count())
     return PROCESS_FILTER.index
 

@@ -118,19 +118,19 @@ def distributed_signal(env: Mapping[str, str] | None = None, root: str | os.Path
     return None
 
 
-def maybe_initialize_distributed(mode: str = "auto", *, root: str | os.PathLike = "/") -> bool:
+def maybe_initialize_distributed(mode: str = "auto", *, root: str | os.PathLike = "/") -> str | None:
     """`jax.distributed.initialize()` when `mode` is 'on', or 'auto' and `distributed_signal`
-    names a reason; True if it was called. Must run before JAX touches any device.
+    names a reason; that reason if it was called, else None. Must run before JAX touches any device.
 
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are passed on when set; otherwise
     JAX's own cluster detection fills them in (TPU metadata, GKE, Slurm, Open MPI). On a host with a
     TPU but no TPU cluster around it (a Colab runtime), 'auto' warns and carries on as one process."""
     if mode == "off":
-        return False
+        return None
     env = os.environ
     reason = distributed_signal(env, root) if mode == "auto" else "train.distributed=on"
     if reason is None:
-        return False
+        return None
     try:  # multi-process CPU (tests, CPU clusters) needs a collectives library; harmless elsewhere
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):
@@ -147,12 +147,11 @@ def maybe_initialize_distributed(mode: str = "auto", *, root: str | os.PathLike 
         if mode == "auto" and reason.startswith("TPU: ") and not kw and not env.get("JAX_COORDINATOR_ADDRESS"):
             log.warning("%s, but JAX found no TPU cluster around it (%s): running as one process without "
                         "jax.distributed (no preemption sync point)", reason, e)
-            return False
+            return None
         raise SetupError(f"train.distributed={mode} ({reason}): jax.distributed.initialize() found no "
                          f"cluster: {e}; set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, "
                          "or train.distributed=off") from None
-    log.info("jax.distributed (%s): process %d of %d", reason, jax.process_index(), jax.process_count())
-    return True
+    return reason
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:

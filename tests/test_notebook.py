@@ -100,8 +100,8 @@ def _install_command(tmp_path: Path, monkeypatch, device_tree: Path) -> list[str
         (repo / name).write_bytes((ROOT / name).read_bytes())
     hardware = repo / "t5gemma2_jax" / "hardware.py"
     hardware.parent.mkdir(parents=True)
-    hardware.write_text((ROOT / "t5gemma2_jax" / "hardware.py").read_text()
-                        + f"\n_tpu_attached = tpu_attached\ntpu_attached = lambda root={str(device_tree)!r}: _tpu_attached(root)\n")
+    reads_tree = f"\n_tpu_attached = tpu_attached\ntpu_attached = lambda root={str(device_tree)!r}: _tpu_attached(root)\n"
+    hardware.write_text((ROOT / "t5gemma2_jax" / "hardware.py").read_text() + reads_tree)
     commands = []
 
     def not_installed(name):

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -47,7 +46,6 @@ def test_ctrl_c_asks_to_stop_and_a_second_one_stops_at_once():
 PROBE = textwrap.dedent("""
     import json, logging, os, signal, sys, time
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("t5gemma2_jax.parallel").setLevel(logging.INFO)
     root, port, ckpt = sys.argv[1:4]
     import jax, numpy as np
     import orbax.checkpoint as ocp
@@ -104,11 +102,11 @@ def test_a_tpu_like_host_in_a_one_process_cluster(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     # No cluster around the TPU (no metadata here): one process, and a warning saying so.
-    assert out["alone"] is False and "JAX found no TPU cluster" in proc.stderr
+    assert out["alone"] is None and "JAX found no TPU cluster" in proc.stderr
     assert out["on"].startswith("train.distributed=on (train.distributed=on): jax.distributed.initialize() "
                                 "found no cluster")
-    assert out["started"] is True and out["processes"] == 1 and out["devices"] == 2
-    assert "jax.distributed (TPU: 1 TPU v5e chip(s) on the PCI bus (vendor 0x1ae0)): process 0 of 1" in proc.stderr
+    assert out["started"] == "TPU: 1 TPU v5e chip(s) on the PCI bus (vendor 0x1ae0)"
+    assert out["processes"] == 1 and out["devices"] == 2
     assert out["requested"] == "SIGTERM" and out["stop"] is True
     assert out["sync_step"] is not None, "JAX's notifier never saw the SIGTERM our handler received"
     assert out["restored"] and out["saved"] == 1
