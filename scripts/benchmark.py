@@ -23,7 +23,7 @@ own) and torch's `max_memory_allocated` (reset before each part).
 `--hf-precision autocast` (the default) keeps float32 weights and AdamW state and runs the forward
 under `torch.autocast(bfloat16)`, as the JAX side keeps float32 master weights and computes in
 bfloat16; `weights` casts the model to bfloat16 instead. `--profile FILE` traces two more train
-steps with `jax.profiler` and writes where their time went as text (`t5gemma2_jax.train.profile`).
+steps with `jax.profiler` and writes where their time went as text (`t5gemma2_jax.train.trace_summary`).
 `--summarize FILE` reads the JSON lines of such runs and prints one row per shape against the targets.
 
 Like the other scripts that run a model, it runs under glibc's transparent-huge-page tunable
@@ -60,7 +60,7 @@ from t5gemma2_jax.experiment import from_dict
 from t5gemma2_jax.train import Trainer
 from t5gemma2_jax.experiment import from_dict
 from t5gemma2_jax.train.flops import measured_cpu_peak, measured_matmul_peak, peak_flops_per_device, step_flops
-from t5gemma2_jax.train.profile import trace
+from t5gemma2_jax.train.trace_summary import trace
 
 
 def _batch(cfg, B, S, T, seed=0):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+import runpy
 import sys
 from pathlib import Path
 
@@ -39,25 +40,11 @@ def _glibc_reads_it() -> bool:
 
 
 def accelerator(environ=os.environ, root: str = "/") -> str | None:
-    """The accelerator JAX would run on here ("tpu", "gpu", or a `JAX_PLATFORMS` name), or None
-    for a CPU-only host. Looked up without importing JAX (this runs before it): `JAX_PLATFORMS`
-    when set; else a TPU's devices (`/dev/accel*`, `/dev/vfio/<group>`, Google's PCI vendor id
-    0x1ae0, as JAX's own TPU detection) or a GPU driver's (`/dev/nvidiactl`, `/dev/kfd`)."""
-    names = {p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()}
-    if names:
-        return None if names <= {"cpu"} else sorted(names - {"cpu"})[0]
-    r = Path(root)
-    if any(r.glob("dev/accel[0-9]*")) or any(p.name.isdigit() for p in r.glob("dev/vfio/*")):
-        return "tpu"
-    for vendor in r.glob("sys/bus/pci/devices/*/vendor"):
-        try:
-            if vendor.read_text().strip().lower() == "0x1ae0":
-                return "tpu"
-        except OSError:
-            continue
-    if (r / "dev" / "nvidiactl").exists() or (r / "dev" / "kfd").exists():
-        return "gpu"
-    return None
+    """The accelerator JAX would run on here, or None for a CPU-only host: the package's own
+    `hardware.accelerator`, run from the checkout by path because this runs before the package
+    (and JAX) may be imported."""
+    hardware = runpy.run_path(str(Path(__file__).resolve().parents[1] / "t5gemma2_jax" / "hardware.py"))
+    return hardware["accelerator"](environ, root)
 
 
 def environment(on: bool = True, environ=os.environ, root: str = "/") -> dict[str, str] | None:

@@ -25,7 +25,6 @@ if __name__ == "__main__":
     hugepages.restart_with_huge_pages()
 
 import argparse
-import logging
 import sys
 
 
@@ -42,10 +41,6 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     import jax
 
     if args.cpu_devices:
@@ -53,14 +48,16 @@ def main(argv=None) -> int:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from t5gemma2_jax import cli
 
+    cli.configure_logging()
     return cli.run(lambda: _run(args))
 
 
 def _run(args) -> int:
-    from t5gemma2_jax.train import load_config, maybe_initialize_distributed, prepare, train
+    from t5gemma2_jax.cli import start_processes
+    from t5gemma2_jax.train import load_config, prepare, train
 
     cfg = load_config(args.config, args.overrides)
-    maybe_initialize_distributed(cfg.train.distributed)
+    start_processes(cfg.train.distributed)
     workdir, trainer = prepare(cfg, args.workdir)
     if args.check:
         mesh = trainer.mesh

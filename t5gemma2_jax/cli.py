@@ -4,11 +4,16 @@ Errors that describe bad input (a config, a machine that does not fit it, a chec
 file that is missing or malformed, a checkpoint directory that cannot be written) are printed as
 `error: ...` on one line, without a traceback; anything else is a bug and keeps its traceback
 (its frames cleared of their locals, see `run`).
+
+Logging on several hosts (`configure_logging`, `start_processes`): every line names its process
+(`[p1]`), process 0 logs from INFO up, the others only warnings and errors, so a pod's logs read
+as one run with each host's problems in them.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import traceback
 from typing import Callable
@@ -18,10 +23,11 @@ from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.images import ImageError
 from t5gemma2_jax.data.pipeline import DataQualityError
-from t5gemma2_jax.parallel import SetupError
+from t5gemma2_jax.parallel import SetupError, maybe_initialize_distributed
 
 USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError)
 USAGE = 2
+log = logging.getLogger(__name__)
 
 
 def one_line(error: BaseException) -> str:
@@ -45,3 +51,51 @@ def run(main: Callable[[], object]) -> int:
         gc.collect()
         raise
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+class ProcessLogFilter(logging.Filter):
+    """Tags each record with its process (`record.process_tag`, `p?` until the processes have
+    started) and lets records below WARNING through on process 0 only. The index is set, not looked
+    up: asking JAX for it from inside a log call could start, or wait on, a backend."""
+
+    def __init__(self):
+        super().__init__()
+        self.index: int | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.process_tag = "p?" if self.index is None else f"p{self.index}"
+        return self.index in (None, 0) or record.levelno >= logging.WARNING
+
+
+PROCESS_FILTER = ProcessLogFilter()
+LOG_FORMAT = "%(asctime)s [%(process_tag)s] %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: int = logging.INFO, quiet: tuple[str, ...] = ("absl", "orbax", "jax._src")) -> None:
+    """The scripts' logging: one stderr handler tagging each line with its process; `quiet`
+    loggers from WARNING up."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        # absl's first log call (orbax logs while it is imported) runs logging.basicConfig(): a bare
+        # stderr handler that would take every line. Replace that one, keep any other (pytest's).
+        if type(h) is logging.StreamHandler and h.stream is sys.stderr and not h.filters:
+            root.removeHandler(h)
+    handler = logging.StreamHandler()
+    handler.addFilter(PROCESS_FILTER)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])   # a no-op where logging is set up already (pytest)
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def start_processes(mode: str) -> int:
+    """`parallel.maybe_initialize_distributed(mode)`, then this process' index in every log line
+    (and INFO from process 0 only); returns the index."""
+    import jax
+
+    reason = maybe_initialize_distributed(mode)
+    PROCESS_FILTER.index = jax.process_index()
+    if reason:
+        log.info("jax.distributed (%s): process %d of %d", reason, jax.process_index(), jax.process_count())
+    return PROCESS_FILTER.index
+

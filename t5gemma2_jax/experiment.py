@@ -133,6 +133,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # this many steps in a row with a non-finite loss/gradient stop the run
     allow_data_restart: bool = False  # resume from a checkpoint without data-iterator state (data restarts)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases logging (train/tracking.py)
+    profile_steps: tuple[int, ...] = ()  # [first, last]: jax.profiler trace of those steps into WORKDIR/tensorboard
 
     def __post_init__(self):
         for name in ("steps", "microbatches", "log_every", "eval_steps", "checkpoint_every",
@@ -148,6 +149,11 @@ class TrainConfig:
                  f"{self.distributed!r} not in {DISTRIBUTED}")
         _require(not (self.keep_best and self.eval_every == 0), "train.keep_best",
                  "needs periodic evaluation (train.eval_every > 0)")
+        _require(len(self.profile_steps) in (0, 2) and all(s >= 1 for s in self.profile_steps)
+                 and list(self.profile_steps) == sorted(self.profile_steps), "train.profile_steps",
+                 f"must be [first, last] with 1 <= first <= last, or [] (no trace), got {list(self.profile_steps)}")
+        _require(not self.profile_steps or self.profile_steps[0] <= self.steps, "train.profile_steps",
+                 f"{list(self.profile_steps)} starts after the last step (train.steps={self.steps})")
         _require(self.eval_generate_examples >= 1, "train.eval_generate_examples",
                  f"must be >= 1, got {self.eval_generate_examples}")
         _require(not (self.eval_generate_every and self.data_source != "pipeline"), "train.eval_generate_every",

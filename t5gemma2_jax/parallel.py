@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from t5gemma2_jax.configlib import require as _require
+from t5gemma2_jax.hardware import tpu_evidence
 from t5gemma2_jax.sharding import DEFAULT_RULES, Rules
 
 log = logging.getLogger(__name__)
@@ -71,28 +72,65 @@ class SetupError(RuntimeError):
     """The environment does not fit the config (devices, hosts, work directory)."""
 
 
-def maybe_initialize_distributed(mode: str = "auto") -> bool:
-    """`jax.distributed.initialize()` when running on several hosts; True if it was called.
+TPU_CLUSTER_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
 
-    'auto' calls it when the environment names a multi-process job: a coordinator address
-    (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES / JAX_PROCESS_ID on a plain cluster), a TPU pod
-    slice (several TPU_WORKER_HOSTNAMES / MEGASCALE), a Slurm job with several tasks, or an Open MPI
-    job with several ranks. Must run before JAX touches any device.
+
+def _count(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env.get(name, "1") or 1)
+    except ValueError:
+        return 1
+
+
+def distributed_signal(env: Mapping[str, str] | None = None, root: str | os.PathLike = "/",
+                       platforms: str | None = None) -> str | None:
+    """What makes `train.distributed=auto` call `jax.distributed.initialize()`, or None (one
+    process). The first that holds decides:
+
+    1. a TPU, unless `platforms` (`jax_platforms`) leaves it out: on GKE / xpk the variables
+       TPU_WORKER_HOSTNAMES, TPU_PROCESS_ADDRESSES or MEGASCALE_COORDINATOR_ADDRESS; on a Cloud TPU
+       VM the device tree (`hardware.tpu_evidence`). Always, as MaxText does: a pod slice started
+       with `gcloud compute tpus tpu-vm ssh --worker=all` has nothing in its environment, JAX
+       finds the workers from the TPU metadata server; on one host it makes a 1-process cluster,
+       which JAX's preemption notifier and Orbax's multi-host saves need anyway;
+    2. JAX_COORDINATOR_ADDRESS (a coordinator named by hand or by a launcher), or
+       JAX_NUM_PROCESSES > 1;
+    3. a Slurm job step with several tasks (SLURM_NTASKS > 1: started with `srun`);
+    4. an Open MPI job with several ranks (OMPI_COMM_WORLD_SIZE > 1: `mpirun`).
     """
+    env = os.environ if env is None else env
+    platforms = jax.config.jax_platforms if platforms is None else platforms
+    if not platforms or "tpu" in platforms.split(","):
+        for name in TPU_CLUSTER_VARS:
+            if env.get(name):
+                return f"TPU cluster variable {name}"
+        evidence = tpu_evidence(root)
+        if evidence:
+            return f"TPU: {evidence}"
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if _count(env, "JAX_NUM_PROCESSES") > 1:
+        return "JAX_NUM_PROCESSES > 1"
+    if _count(env, "SLURM_NTASKS") > 1:
+        return "Slurm job (SLURM_NTASKS > 1)"
+    if _count(env, "OMPI_COMM_WORLD_SIZE") > 1:
+        return "Open MPI job (OMPI_COMM_WORLD_SIZE > 1)"
+    return None
+
+
+def maybe_initialize_distributed(mode: str = "auto", *, root: str | os.PathLike = "/") -> str | None:
+    """`jax.distributed.initialize()` when `mode` is 'on', or 'auto' and `distributed_signal`
+    names a reason; that reason if it was called, else None. Must run before JAX touches any device.
+
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are passed on when set; otherwise
+    JAX's own cluster detection fills them in (TPU metadata, GKE, Slurm, Open MPI). On a host with a
+    TPU but no TPU cluster around it (a Colab runtime), 'auto' warns and carries on as one process."""
     if mode == "off":
-        return False
+        return None
     env = os.environ
-    if mode == "auto":
-        multi = (
-            "JAX_COORDINATOR_ADDRESS" in env
-            or int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1
-            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-            or "MEGASCALE_COORDINATOR_ADDRESS" in env
-            or int(env.get("SLURM_NTASKS", "1") or 1) > 1
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-        )
-        if not multi:
-            return False
+    reason = distributed_signal(env, root) if mode == "auto" else "train.distributed=on"
+    if reason is None:
+        return None
     try:  # multi-process CPU (tests, CPU clusters) needs a collectives library; harmless elsewhere
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):
@@ -102,9 +140,18 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
         kw["num_processes"] = int(env["JAX_NUM_PROCESSES"])
     if env.get("JAX_PROCESS_ID"):
         kw["process_id"] = int(env["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kw)
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return True
+    try:
+        jax.distributed.initialize(**kw)
+    except ValueError as e:
+        # JAX's cluster detection found no cluster (it raises before connecting to anything).
+        if mode == "auto" and reason.startswith("TPU: ") and not kw and not env.get("JAX_COORDINATOR_ADDRESS"):
+            log.warning("%s, but JAX found no TPU cluster around it (%s): running as one process without "
+                        "jax.distributed (no preemption sync point)", reason, e)
+            return None
+        raise SetupError(f"train.distributed={mode} ({reason}): jax.distributed.initialize() found no "
+                         f"cluster: {e}; set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, "
+                         "or train.distributed=off") from None
+    return reason
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:

@@ -265,7 +265,7 @@ def _trace(folder: Path, events: list[dict]) -> Path:
 def test_the_profile_summary_reads_a_gpu_trace(tmp_path):
     """A GPU trace as the profiler writes it: the device's XLA op track is read (not its kernel
     streams, not the host), each op counted without what is nested in it."""
-    from t5gemma2_jax.train.profile import summarize
+    from t5gemma2_jax.train.trace_summary import summarize
 
     meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0 NVIDIA H100"}},
             {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "XLA Ops"}},

@@ -37,23 +37,24 @@ def test_nothing_changes_off_linux(monkeypatch):
     assert hugepages.environment(environ={}) is None
 
 
-def _tree(root, *paths, vendor=None):
+def _tree(root, *paths, pci=None):
     for p in paths:
         (root / p).parent.mkdir(parents=True, exist_ok=True)
         (root / p).touch()
-    if vendor:
+    if pci:
         d = root / "sys/bus/pci/devices/0000:00:04.0"
         d.mkdir(parents=True)
-        (d / "vendor").write_text(vendor + "\n")
+        (d / "vendor").write_text(pci[0] + "\n")
+        (d / "device").write_text(pci[1] + "\n")
     return str(root)
 
 
 def test_accelerators_are_found_as_jax_finds_them(tmp_path):
     find = hugepages.accelerator
-    assert find({}, _tree(tmp_path / "cpu", "dev/null", "dev/vfio/vfio", vendor="0x1af4")) is None
+    assert find({}, _tree(tmp_path / "cpu", "dev/null", "dev/vfio/vfio", pci=("0x1ae0", "0x0042"))) is None  # gVNIC
     assert find({}, _tree(tmp_path / "v4", "dev/accel0")) == "tpu"
     assert find({}, _tree(tmp_path / "v6e", "dev/vfio/0", "dev/vfio/vfio")) == "tpu"
-    assert find({}, _tree(tmp_path / "pci", vendor="0x1ae0")) == "tpu"
+    assert find({}, _tree(tmp_path / "pci", pci=("0x1ae0", "0x0063"))) == "tpu"
     assert find({}, _tree(tmp_path / "h100", "dev/nvidiactl", "dev/nvidia0")) == "gpu"
     # JAX_PLATFORMS decides when set, whatever the devices.
     assert find({"JAX_PLATFORMS": "cpu"}, str(tmp_path / "v4")) is None

@@ -1,6 +1,7 @@
 """The quickstart notebook runs top to bottom (code cells executed in order, as a kernel would):
 in the test environment, and from its install cell on in a fresh virtual environment."""
 
+import importlib.metadata
 import json
 import os
 import re
@@ -88,3 +89,44 @@ def test_outside_a_checkout_the_install_cell_asks_for_the_repository_url(tmp_pat
         pytest.skip("/content exists here (a Colab runtime): the clone directory is not under HOME")
     with pytest.raises(RuntimeError, match="not inside a checkout of t5gemma2-jax: set REPO_URL"):
         exec(compile(_code_cells()[0], "install cell", "exec"), {})
+
+
+def _install_command(tmp_path: Path, monkeypatch, device_tree: Path) -> list[str]:
+    """The pip command the install cell runs, in a copy of the checkout whose `hardware.py` reads
+    `device_tree` instead of `/` (the TPU this machine lacks); pip itself is recorded, not run."""
+    repo = tmp_path / "repo"
+    for name in ("pyproject.toml", "configs/tiny.yaml", "constraints.txt"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes((ROOT / name).read_bytes())
+    hardware = repo / "t5gemma2_jax" / "hardware.py"
+    hardware.parent.mkdir(parents=True)
+    reads_tree = f"\n_tpu_attached = tpu_attached\ntpu_attached = lambda root={str(device_tree)!r}: _tpu_attached(root)\n"
+    hardware.write_text((ROOT / "t5gemma2_jax" / "hardware.py").read_text() + reads_tree)
+    commands = []
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    exec(compile(_code_cells()[0], "install cell", "exec"), {})
+    (pip,) = commands
+    return pip
+
+
+def test_the_install_cell_adds_jax_tpu_at_the_tested_version_on_a_tpu(tmp_path, monkeypatch):
+    tree = tmp_path / "tpu"
+    (tree / "dev" / "vfio").mkdir(parents=True)
+    (tree / "dev" / "vfio" / "0").write_text("")                # a Colab v5e-1 runtime
+    jax_pin = next(ln for ln in (ROOT / "constraints.txt").read_text().splitlines() if ln.startswith("jax=="))
+    pip = _install_command(tmp_path, monkeypatch, tree)
+    assert pip[-1] == "jax[tpu]==" + jax_pin.split("==")[1] and pip[pip.index("-c") + 1].endswith("constraints.txt")
+
+
+def test_the_install_cell_installs_no_tpu_build_without_a_tpu(tmp_path, monkeypatch):
+    tree = tmp_path / "cpu"
+    (tree / "dev" / "vfio").mkdir(parents=True)
+    (tree / "dev" / "vfio" / "vfio").write_text("")             # VFIO loaded, no device group
+    pip = _install_command(tmp_path, monkeypatch, tree)
+    assert not any("jax" in arg for arg in pip) and pip[-1] == str(tmp_path / "repo")

@@ -264,12 +264,6 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self.manager.reload()
 
-    def reached_preemption(self, step: int) -> bool:
-        try:
-            return bool(self.manager.reached_preemption(step))
-        except Exception:  # noqa: BLE001 - no preemption service (single host, CPU)
-            return False
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

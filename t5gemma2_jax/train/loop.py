@@ -2,8 +2,9 @@
 
 Faults end a run with its work intact: a step that is not finite is not applied (the train step
 keeps the last good state) and `train.max_nonfinite_steps` of them in a row stop the run; a
-checkpoint that does not restore is set aside for the one before it; SIGTERM and Ctrl-C checkpoint
-and stop; whatever else goes wrong, the in-flight checkpoint is finished before the error leaves.
+checkpoint that does not restore is set aside for the one before it; SIGTERM, Ctrl-C and a
+preemption notice checkpoint and stop, on every host at the same step (`train/preemption`);
+whatever else goes wrong, the in-flight checkpoint is finished before the error leaves.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from t5gemma2_jax.train.data import make_batches
 from t5gemma2_jax.train.heldout import HeldOut
 from t5gemma2_jax.train.metrics import MetricsWriter, Progress
 from t5gemma2_jax.train.plots import save_loss_plot
-from t5gemma2_jax.train.setup import PreemptionGuard, prepare, save_resolved_config
+from t5gemma2_jax.train.preemption import PreemptionGuard
+from t5gemma2_jax.train.profile import StepProfiler
+from t5gemma2_jax.train.setup import prepare, save_resolved_config
 from t5gemma2_jax.train.step import CompiledSteps
 from t5gemma2_jax.train.tracking import WandbRun, git_state
 from t5gemma2_jax.train.trainer import Trainer
@@ -194,9 +197,11 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
         if held_out is not None:
             run_generation_eval(0)
     pending, last_time, last_step = [], time.time(), start
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard, StepProfiler(t.profile_steps, workdir, enabled=pidx == 0) as profiler:
         for step in range(start + 1, t.steps + 1):
-            state, m = steps.train(state, trainer.place_batch(next(data)))
+            with profiler.trace(step):
+                state, m = steps.train(state, trainer.place_batch(next(data)))
+            profiler.after(step, m)
             divergence.push(step, m["nonfinite"], m["param_norm"])
             pending.append(m)
             is_log = step % t.log_every == 0 or step == t.steps or step == start + 1
@@ -216,7 +221,7 @@ def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir)
             if t.eval_generate_every and step % t.eval_generate_every == 0:
                 run_generation_eval(step)
             summary["step"] = step
-            stop = guard.should_stop(ckpt, step, sync=is_log)
+            stop = guard.should_stop(step, sync=is_log)
             save = step % t.checkpoint_every == 0 or step == t.steps or stop or (eval_metrics and t.keep_best)
             if save:
                 divergence.flush()        # the state about to be saved is known to be good

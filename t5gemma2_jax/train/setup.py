@@ -1,16 +1,13 @@
 """What a run checks before its first compile (work directory, data, tokenizer, pretrained
-weights), the resolved config it saves, the pretrained weights it may start from, and SIGTERM."""
+weights), the resolved config it saves and the pretrained weights it may start from."""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from pathlib import Path
 
 import jax
-import numpy as np
 import yaml
 
 from t5gemma2_jax.config import ConfigError
@@ -91,42 +88,3 @@ def save_resolved_config(cfg: ExperimentConfig, workdir: Path) -> None:
     tmp.write_text("# Resolved config of this run (scripts/train.py --config THIS_FILE reruns it)\n"
                    + cfg.to_yaml())
     os.replace(tmp, path)
-
-
-class PreemptionGuard:
-    """Turns SIGTERM (TPU/VM preemption, `kill`) and Ctrl-C (SIGINT) into a stop-after-this-step
-    request: the step finishes, a checkpoint is written, the run ends. A second Ctrl-C stops at
-    once (KeyboardInterrupt), for when even that is too slow."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested: str | None = None     # the name of the signal that asked to stop
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = name
-        log.warning("%s: saving a checkpoint after this step, then stopping%s", name,
-                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-    def should_stop(self, checkpointer, step: int, sync: bool) -> bool:
-        flag = self.requested is not None
-        if jax.process_count() > 1:  # all hosts must stop at the same step
-            if not sync:
-                return checkpointer.reached_preemption(step)
-            from jax.experimental import multihost_utils
-            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-        return flag or checkpointer.reached_preemption(step)

@@ -1,5 +1,6 @@
 """The whole loop in-process, with images (frozen SigLIP), z-loss, evaluation, best-checkpoint
-keeping, a SIGTERM mid-run, resume, metrics/TensorBoard files and the params-only export."""
+keeping, a SIGTERM mid-run and a resume bitwise equal to the uninterrupted run, a profiler trace,
+metrics/TensorBoard files and the params-only export."""
 
 from __future__ import annotations
 
@@ -47,16 +48,17 @@ def _tb_scalars(workdir):
 
 
 @pytest.mark.slow
-def test_train_sigterm_resume_eval_export(tmp_path):
+def test_train_sigterm_resume_eval_export(tmp_path, tmp_path_factory):
     cfg = small_config(images=True, train={
         "steps": 6, "checkpoint_every": 2, "keep_checkpoints": 2, "eval_every": 3, "keep_best": True,
-        "z_loss": 1e-3, "export_at_end": True, "tensorboard": True})
+        "z_loss": 1e-3, "export_at_end": True, "tensorboard": True, "profile_steps": [1, 2]})
     model = cfg.model_config()
     evals = lambda: SyntheticBatches(cfg.data, model, split="eval", eval_batches=2)  # noqa: E731
 
     s1 = train(cfg, tmp_path, batches=SigtermAt(cfg.data, model, at=3), eval_batches=evals)
     assert s1["preempted"] and s1["step"] == 3 and "export" not in s1
     assert Checkpointer(tmp_path / "checkpoints", every=2).latest_step() == 3
+    assert len(glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))) == 1
 
     s2 = train(cfg, tmp_path, batches=SyntheticBatches(cfg.data, model), eval_batches=evals)
     assert s2["start_step"] == 3 and s2["step"] == 6 and not s2["preempted"]
@@ -75,6 +77,17 @@ def test_train_sigterm_resume_eval_export(tmp_path):
     assert [s for s, _ in tb["train/loss"]][-3:] == [4, 5, 6] and "eval/loss" in tb
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert from_dict(saved) == cfg
+
+    # Stopped by SIGTERM at step 3 and resumed, the run is bit for bit the uninterrupted one.
+    ref_dir = tmp_path_factory.mktemp("uninterrupted")
+    ref = train(cfg, ref_dir, batches=SyntheticBatches(cfg.data, model), eval_batches=evals)
+    losses = lambda rows: {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if "loss" in r}  # noqa: E731
+    assert losses(rows) == losses(read_metrics(ref_dir))
+    shapes = {**ModelDef(model).shapes("trainable"), **ModelDef(model).shapes("frozen")}
+    ref_params = jax.device_get(load_export_arrays(ref["export"], shapes))
+    got_params = jax.device_get(load_export_arrays(s2["export"], shapes))
+    for n in shapes:
+        np.testing.assert_array_equal(got_params[n], ref_params[n], err_msg=n)
 
     # The frozen tower kept its initial values; the projector and text model trained.
     model_def = ModelDef(model)

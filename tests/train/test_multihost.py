@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two(workdir: Path, cache: Path, steps: int, extra=()) -> None:
+def _start_two(workdir: Path, cache: Path, steps: int, extra=()) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for i in range(2):
@@ -42,9 +45,15 @@ def _run_two(workdir: Path, cache: Path, steps: int, extra=()) -> None:
                "--workdir", str(workdir), *OVERRIDES, *extra, f"train.steps={steps}",
                f"train.compilation_cache_dir={cache}"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _run_two(workdir: Path, cache: Path, steps: int, extra=()) -> list[str]:
+    procs = _start_two(workdir, cache, steps, extra)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
+    return outs
 
 
 @pytest.mark.slow
@@ -55,7 +64,8 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     states = {p.name: json.loads(p.read_text()) for p in ck.glob("process_*.json")}
     assert set(states) == {"process_0-of-2.json", "process_1-of-2.json"}
     assert all(s["split"] == "train" for s in states.values())  # (positions: equal on both hosts)
-    _run_two(work, cache, steps=6)
+    outs = _run_two(work, cache, steps=6)
+    assert " [p0] INFO " in outs[0] and " INFO " not in outs[1]   # INFO from process 0 only
     rows = read_metrics(work)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
@@ -78,3 +88,47 @@ def test_two_processes_train_lora_adapters(tmp_path):
     assert len(tensors) == 2 * 7 * 4 and all(np.isfinite(t).all() for t in tensors.values())
     assert any(np.abs(t).max() > 0 for k, t in tensors.items() if "lora_B" in k)   # B trained
     assert not (work / "export").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_is_bitwise_equal(tmp_path):
+    """Logging only at the first and last steps, so that what stops the other host is JAX's
+    preemption sync point, checked every step, not the flags shared at logging steps."""
+    import jax
+    import numpy as np
+
+    from t5gemma2_jax.checkpoints.export import flat_params, load_export
+    from t5gemma2_jax.train.checkpoint import Checkpointer
+
+    cache, steps = tmp_path / "cache", 60
+    extra = ["train.log_every=1000", "train.checkpoint_every=4", "train.eval_every=0", "train.keep_checkpoints=2"]
+    _run_two(tmp_path / "ref", cache, steps, extra)
+
+    work = tmp_path / "run"
+    procs = _start_two(work, cache, steps, extra)
+    deadline = time.time() + 600
+    while not (work / "checkpoints" / "4").exists() and time.time() < deadline and procs[1].poll() is None:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+    stopped = [re.search(r"stopped at step (\d+) on (\w+)", out) for out in outs]
+    assert all(stopped), outs[0][-2000:] + outs[1][-2000:]
+    assert stopped[1].group(2) == "SIGTERM" and stopped[0].group(2) == "preemption"
+    step = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == step and 4 < step < steps
+    assert Checkpointer(work / "checkpoints", every=4).latest_step() == step
+    # Each host's log lines name it; the one that got the signal says so, the other one says why it stops.
+    assert re.search(r"\[p1\] WARNING t5gemma2_jax.train.preemption: SIGTERM: saving a checkpoint", outs[1])
+    assert re.search(r"\[p0\] WARNING t5gemma2_jax.train.preemption: preemption notice .*step " + str(step), outs[0])
+    assert " INFO " not in outs[1] and " [p0] INFO " in outs[0]
+    assert not (work / "export").exists()
+
+    _run_two(work, cache, steps, extra)
+    ref, got = read_metrics(tmp_path / "ref"), read_metrics(work)
+    assert [r["loss"] for r in got if r["step"] == steps] == [r["loss"] for r in ref if r["step"] == steps]
+    want, have = (jax.device_get(flat_params(load_export(d / "export"))) for d in (tmp_path / "ref", work))
+    assert sorted(have) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(have[name], want[name], err_msg=name)
+
