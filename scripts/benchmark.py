@@ -58,7 +58,6 @@ import t5gemma2_jax as tg
 from t5gemma2_jax.checkpoints.hf_config import transformers_model
 from t5gemma2_jax.experiment import from_dict
 from t5gemma2_jax.train import Trainer
-from t5gemma2_jax.experiment import from_dict
 from t5gemma2_jax.train.flops import measured_cpu_peak, measured_matmul_peak, peak_flops_per_device, step_flops
 from t5gemma2_jax.train.trace_summary import trace
 
