@@ -4,11 +4,16 @@ Errors that describe bad input (a config, a machine that does not fit it, a chec
 file that is missing or malformed, a checkpoint directory that cannot be written) are printed as
 `error: ...` on one line, without a traceback; anything else is a bug and keeps its traceback
 (its frames cleared of their locals, see `run`).
+
+An object store that stops answering (`StorageError`) ends the process right after its line:
+the writers still running in the background (Orbax's save thread, tensorboardX's last flush at
+interpreter exit) would each retry the store for minutes before the exit could happen.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import traceback
 from typing import Callable
@@ -18,9 +23,10 @@ from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.images import ImageError
 from t5gemma2_jax.data.pipeline import DataQualityError
 from t5gemma2_jax.parallel import SetupError
+from t5gemma2_jax.storage import StorageError
 from t5gemma2_jax.train.checkpoint import CheckpointIOError
 
-USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError)
+USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError, StorageError)
 USAGE = 2
 
 
@@ -35,6 +41,10 @@ def run(main: Callable[[], object]) -> int:
         status = main()
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        if isinstance(e, StorageError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(USAGE)
         return USAGE
     except BaseException as e:
         # A traceback that reaches the interpreter keeps every frame's locals alive until exit: the
