@@ -133,7 +133,8 @@ def test_save_hf_and_save_peft_to_the_bucket_and_back(trained):
     bucket = trained["bucket"]
     model = tg.load(f"{trained['run']}/export")
     tg.save_hf(model, f"{bucket}/hf")
-    back = tg.load_hf(f"{bucket}/hf", text_only=not model.config.with_vision)
+    layout = dict(text_only=not model.config.with_vision, scan_layers=model.config.scan_layers)
+    back = tg.load_hf(f"{bucket}/hf", **layout)
     want, got = flat_params(model), flat_params(back)
     assert set(got) == set(want) and all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
     assert tg.find_source(f"{bucket}/hf").kind == "hf"
@@ -143,7 +144,7 @@ def test_save_hf_and_save_peft_to_the_bucket_and_back(trained):
     manifest = json.loads(storage.read_text(f"{bucket}/hf/{MANIFEST}"))
     storage.write_text(f"{bucket}/hf/{MANIFEST}", json.dumps({**manifest, "complete": False}))
     with pytest.raises(CheckpointError, match="did not finish"):
-        tg.load_hf(f"{bucket}/hf", text_only=not model.config.with_vision)
+        tg.load_hf(f"{bucket}/hf", **layout)
 
     adapted = apply_lora(nnx.clone(model), rank=2, targets="q_proj", rngs=nnx.Rngs(1))
     for _, lora in lora_sites(adapted):
@@ -202,7 +203,8 @@ def _kill_when(cmd, env, cwd, log: Path, ready) -> str:
         deadline = time.time() + 600
         while proc.poll() is None and time.time() < deadline and not ready(log.read_text()):
             time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
     text = log.read_text()
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill:\n{text[-3000:]}"
@@ -223,13 +225,13 @@ def test_kill9_at_many_moments_then_rerun_resumes_bitwise(gcs, tmp_path):
     moments = [
         # while the first checkpoint is being written (objects there, no marker yet)
         ("during the first save", lambda log: _saving(run)),
+        # in the middle of training, with checkpoints behind it
+        ("in the middle of training", lambda log: _metric_rows(run) >= 7),
         # as soon as the rerun has restored, before it trains a step
         ("right after restoring", lambda log: "resumed from" in log),
-        # in the middle of training
-        ("in the middle of training", lambda log: _metric_rows(run) >= 9),
         # while a later checkpoint is being written
         ("during a later save", lambda log: max(_committed(run), default=0) >= 8 and _saving(run)),
-        # while a step is being written just after the previous kill's resume
+        # while the first step after a resume is being saved
         ("during the save after a resume", lambda log: "resumed from" in log and _saving(run)),
     ]
     uncommitted_seen = 0
@@ -265,7 +267,8 @@ def test_a_damaged_newest_step_is_set_aside_and_the_run_resumes_from_the_one_bef
     _run(_train(run, *overrides, "train.steps=4"), tmp_path)
     state = [f for f in storage.files_under(f"{run}/checkpoints/4/state") if "/d/" in f]
     largest = max(state, key=lambda f: storage.as_path(f).stat().length)
-    storage.write_bytes(largest, storage.read_bytes(largest)[:-100])           # truncated
+    data = storage.read_bytes(largest)
+    storage.write_bytes(largest, data[: len(data) // 2])                       # truncated
     proc = _run(_train(run, *overrides, "train.steps=6"), tmp_path)
     assert "checkpoint 4" in proc.stderr and "does not restore" in proc.stderr
     assert "at step 2" in proc.stderr
@@ -315,6 +318,7 @@ def test_the_store_stopped_mid_run_ends_it_in_one_line_and_a_restart_resumes(tmp
         assert len(errors) == 1 and f"gs://{name}" in errors[0], text[-3000:]
         assert re.search(r"(writing|reading|listing|deleting) ", errors[0]), errors[0]
         assert "Traceback" not in text, text[-3000:]
+        print(f"exit {proc.returncode} {took:.1f} s after the store stopped: {errors[0]}")
 
         emulator.start()
         names = emulator.list(name, "run/checkpoints/")
