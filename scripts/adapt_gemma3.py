@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,19 +79,20 @@ def adapt(argv=None):
 
     import jax.numpy as jnp
 
+    from t5gemma2_jax import storage
     from t5gemma2_jax.checkpoints import adapt_gemma3, flat_params, save_export, save_hf
 
     overrides = {field: getattr(args, field) for _, field, _, _ in _OVERRIDES if getattr(args, field) is not None}
     model, info = adapt_gemma3(args.gemma3, dtype=jnp.dtype(args.dtype), text_only=args.text_only,
                                eoi_init=args.eoi_init, rngs=args.seed, return_info=True, **overrides)
-    out = Path(args.out)
+    out = storage.as_path(args.out)
     if args.format == "hf":
         save_hf(model, out, max_shard_size=args.max_shard_size)
     else:
         save_export(out, model.config, flat_params(model))
     info["format"] = args.format
     info["overrides"] = overrides
-    (out / "adaptation.json").write_text(json.dumps(info, indent=1))
+    storage.write_text(out / "adaptation.json", json.dumps(info, indent=1))
     print(json.dumps({k: info[k] for k in ("vocab", "tokens", "eoi_embedding", "vision", "rope",
                                            "max_position_embeddings")}, indent=1))
     print(f"wrote {args.format} checkpoint to {out}")

@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    from t5gemma2_jax import storage
     from t5gemma2_jax.data import load_tokenizer
     from t5gemma2_jax.data.demo import demo_split_paths
     from t5gemma2_jax.train import load_config, load_export, read_metrics, train
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     print(f"\ntrain loss {losses[0][1]:.2f} (step 1) -> {losses[-1][1]:.2f} (mean of {window}, both kinds of batch)"
           + (f"; held-out UL2 loss {evals[-1][1]:.2f}" if evals else ""))
 
-    model = load_export(Path(a.workdir) / "export")
+    model = load_export(storage.join(a.workdir, "export"))
     tok = load_tokenizer(cfg.data)
     completions = _complete_captions(model, tok, paths["pretrain_eval"], a.examples)
     results = {"steps": last, "first_loss": losses[0][1], "last_loss": losses[-1][1],

@@ -15,23 +15,23 @@ and one line naming it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="work directories of training runs")
-    p.add_argument("--out", type=Path, help="the PNG to write")
+    p.add_argument("--out", help="the PNG to write (a path or a gs:// URL)")
     p.add_argument("--metric", help="a key of metrics.jsonl (loss, eval_loss, lr, loss_avg, tokens_per_s, ...)")
     return p.parse_args(argv)
 
 
-def plot(argv=None) -> Path:
+def plot(argv=None):
+    from t5gemma2_jax import storage
     from t5gemma2_jax.train.plots import PlotError, plot_run, plot_runs
 
     args = parse_args(argv)
-    workdirs = [Path(w) for w in args.workdirs]
+    workdirs = [storage.as_path(w) for w in args.workdirs]
     if len(workdirs) == 1 and args.metric is None:
         return plot_run(workdirs[0], args.out)
     if args.out is None and len(workdirs) > 1:

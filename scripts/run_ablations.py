@@ -33,6 +33,7 @@ def main(argv=None) -> str:
     logging.basicConfig(level=logging.WARNING)
 
     import t5gemma2_jax as tg
+    from t5gemma2_jax import storage
     from t5gemma2_jax.train import load_config, read_metrics, train
 
     rows = []
@@ -41,7 +42,7 @@ def main(argv=None) -> str:
             continue
         overrides = [f"train.steps={a.steps}", f"train.checkpoint_every={a.steps}", f"train.eval_every={a.steps}"]
         cfg = load_config(path, overrides)
-        workdir = Path(a.workdir) / path.stem
+        workdir = storage.join(a.workdir, path.stem)
         print(f"{path.stem}: training {a.steps} steps -> {workdir}", flush=True)
         train(cfg, workdir)
         metrics = read_metrics(workdir)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.checkpoints import peft
 from t5gemma2_jax.checkpoints.hf import hf_entries
 from t5gemma2_jax.checkpoints.peft import Site, all_sites
@@ -198,7 +198,7 @@ def save_peft(model: T5Gemma2, path, *, base_model_name_or_path: str | None = No
     adapters = [peft.Adapter(site, lora.rank, lora.alpha, lora.dropout, _host(lora.a[...]), _host(lora.b[...]))
                 for site, lora in sites]
     if jax.process_index() != 0:       # every process gathers (a collective); one writes
-        return Path(path)
+        return storage.as_path(path)
     return peft.write_adapter(path, adapters, base_model_name_or_path=base_model_name_or_path)
 
 

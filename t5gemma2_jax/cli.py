@@ -8,12 +8,17 @@ file that is missing or malformed, a checkpoint directory that cannot be written
 Logging on several hosts (`configure_logging`, `start_processes`): every line names its process
 (`[p1]`), process 0 logs from INFO up, the others only warnings and errors, so a pod's logs read
 as one run with each host's problems in them.
+
+An object store that stops answering (`StorageError`) ends the process right after its line:
+the writers still running in the background (Orbax's save thread, tensorboardX's last flush at
+interpreter exit) would each retry the store for minutes before the exit could happen.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import traceback
 from typing import Callable
@@ -24,8 +29,9 @@ from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.images import ImageError
 from t5gemma2_jax.data.pipeline import DataQualityError
 from t5gemma2_jax.parallel import SetupError, maybe_initialize_distributed
+from t5gemma2_jax.storage import StorageError
 
-USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError)
+USER_ERRORS = (ConfigError, SetupError, CheckpointError, CheckpointIOError, DataQualityError, ImageError, StorageError)
 USAGE = 2
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,10 @@ def run(main: Callable[[], object]) -> int:
         status = main()
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        if isinstance(e, StorageError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(USAGE)
         return USAGE
     except BaseException as e:
         # A traceback that reaches the interpreter keeps every frame's locals alive until exit: the

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from t5gemma2_jax import storage
+
 BASE_KEY = "base"
 # Spellings of "no value" on a command line, for optional fields (`data.eval=none`).
 _NONE_WORDS = ("none", "null", "~", "")
@@ -254,13 +256,15 @@ def deep_merge(base: Mapping, overlay: Mapping) -> dict:
 
 def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """A YAML mapping; a top-level `base: other.yaml` (relative to this file) is loaded first and
-    this file's keys merged over it, so a variant states only what it changes."""
-    p = Path(path)
+    this file's keys merged over it, so a variant states only what it changes. `path` may be a
+    `gs://` URL."""
+    p = storage.as_path(path)
     if not p.is_file():
         what = f"{_chain[-1]}: base" if _chain else "--config"
         raise ConfigError(f"{what}: no such file {str(p)!r}")
-    if p.resolve() in _chain:
-        raise ConfigError(f"{p}: base: cycle {' -> '.join(map(str, _chain + (p.resolve(),)))}")
+    here = p if storage.is_url(p) else p.resolve()
+    if here in _chain:
+        raise ConfigError(f"{p}: base: cycle {' -> '.join(map(str, _chain + (here,)))}")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -272,7 +276,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{p}: base: expected a file name, got {base!r}")
-    return deep_merge(load_yaml(p.parent / base, _chain + (p.resolve(),)), raw)
+    return deep_merge(load_yaml(p.parent / base, _chain + (here,)), raw)
 
 
 def plain(x: Any) -> Any:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import io
+
+from t5gemma2_jax import storage
 
 
 def figure(height: float):
@@ -16,13 +17,12 @@ def figure(height: float):
     return fig
 
 
-def save_png(fig, out: Path) -> Path:
-    """`fig` as a PNG at `out`, replaced atomically (a reader never sees half a file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+def save_png(fig, out):
+    """`fig` as a PNG at `out` (a local path or a `storage` URL), written as one whole object: a
+    reader never sees half a file."""
+    if storage.is_local(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    storage.write_bytes(out, png.getvalue())
     return out

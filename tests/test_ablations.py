@@ -1,7 +1,6 @@
 """Architecture ablations: each variant builds, runs, decodes from its cache, and counts right."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -14,6 +14,7 @@ ROOT = "t5gemma2_jax"
 LAYERS = {
     "t5gemma2_jax.configlib": 0, "t5gemma2_jax.figures": 0, "t5gemma2_jax.sharding": 0, "t5gemma2_jax.losses": 0, "t5gemma2_jax.ops": 0,
     "t5gemma2_jax.hardware": 0,
+    "t5gemma2_jax.storage": 0,
     "t5gemma2_jax.config": 1, "t5gemma2_jax.data": 1, "t5gemma2_jax.parallel": 1,
     "t5gemma2_jax.nn": 2, "t5gemma2_jax.vision": 2,
     "t5gemma2_jax.model": 3,

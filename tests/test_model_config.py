@@ -5,8 +5,7 @@ import json
 import pytest
 
 from t5gemma2_jax.checkpoints.hf_config import config_from_hf, config_to_hf, text_config_from_hf
-from t5gemma2_jax.config import (FULL, SLIDING, ConfigError, PRESETS, T5Gemma2Config, TextConfig,
-                                 default_layer_types, preset)
+from t5gemma2_jax.config import (FULL, SLIDING, ConfigError, PRESETS, T5Gemma2Config, default_layer_types, preset)
 
 
 def test_presets_are_valid_and_match_the_release():

@@ -9,12 +9,16 @@ Gemma 3 (`scripts/adapt_gemma3.py --format orbax`) and `save_export` all write t
 and `load_export`, `train.init_from` and `scripts/generate.py` read it. Restoring reads each array
 straight into its sharding (from the parameter's logical axes on a mesh), so no host holds the
 whole model.
+
+`model_config.json` is written last and removed first when an export is overwritten: it is the
+export's commit marker (`is_export`), so an export cut off while writing, on a disk or in an
+object store, is never taken for a whole one.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any, Callable
 
 import jax
@@ -22,12 +26,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.checkpoints.triage import KeyTriage
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.model import T5Gemma2
 from t5gemma2_jax.sharding import Rules, param_shardings
+from t5gemma2_jax.storage import AnyPath
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -42,25 +48,28 @@ def flat_params(model: T5Gemma2) -> dict[str, jax.Array]:
     return {param_name(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def is_export(directory: str | Path) -> bool:
-    return (Path(directory) / CONFIG_FILE).is_file()
+def is_export(directory: str | os.PathLike) -> bool:
+    return (storage.as_path(directory) / CONFIG_FILE).is_file()
 
 
-def save_export(directory: str | Path, config: T5Gemma2Config, params: dict[str, jax.Array]) -> Path:
+def save_export(directory: str | os.PathLike, config: T5Gemma2Config, params: dict[str, jax.Array]) -> AnyPath:
     """Write `config` and the flat `params` (see `flat_params`) to `directory`; every process of a
     multi-host job calls it (Orbax writes each array's shards from the hosts that hold them)."""
-    directory = Path(directory).absolute()
+    directory = storage.absolute(directory)
     if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+        if storage.is_local(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+        storage.remove(directory / CONFIG_FILE)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / PARAMS_DIR, params, force=True)
         ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        storage.write_text(directory / CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
     return directory
 
 
-def read_export_config(directory: str | Path) -> T5Gemma2Config:
-    path = Path(directory) / CONFIG_FILE
+def read_export_config(directory: str | os.PathLike) -> T5Gemma2Config:
+    path = storage.as_path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a params export (no {CONFIG_FILE})")
     try:
@@ -69,7 +78,7 @@ def read_export_config(directory: str | Path) -> T5Gemma2Config:
         raise CheckpointError(f"{path}: not a valid model config ({e})") from None
 
 
-def load_export_arrays(directory: str | Path, shapes: dict[str, jax.ShapeDtypeStruct],
+def load_export_arrays(directory: str | os.PathLike, shapes: dict[str, jax.ShapeDtypeStruct],
                        shardings: dict[str, Any] | None = None) -> dict[str, jax.Array]:
     """The exported arrays named in `shapes`, placed with `shardings` (default: first device).
     Entries the export has beyond `shapes` (e.g. a vision tower) stay on disk."""
@@ -77,7 +86,7 @@ def load_export_arrays(directory: str | Path, shapes: dict[str, jax.ShapeDtypeSt
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = {n: dev for n in shapes}
     target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n]) for n, s in shapes.items()}
-    path = Path(directory).absolute() / PARAMS_DIR
+    path = storage.absolute(directory) / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
     tree = getattr(meta, "item_metadata", meta)
@@ -97,7 +106,7 @@ def load_export_arrays(directory: str | Path, shapes: dict[str, jax.ShapeDtypeSt
     return {n: restored[n] for n in shapes}
 
 
-def load_export(directory: str | Path, *, mesh: Mesh | None = None, rules: Rules | None = None,
+def load_export(directory: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | None = None,
                 **overrides) -> T5Gemma2:
     """The `T5Gemma2` of an export; `overrides` set runtime config fields (dtype, remat, ...).
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.checkpoints.hf_config import config_from_hf, config_to_hf
 from t5gemma2_jax.checkpoints.hf_mapping import HFEntry
 from t5gemma2_jax.checkpoints.hf_text import EMBEDDING_KEY, EOI_KEY, ENCODER_PREFIX, text_hf_entries
@@ -77,7 +78,8 @@ def _is_vision(key: str) -> bool:
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
-    cfg_path = Path(path) / "config.json"
+    cfg_path = storage.as_path(path) / "config.json"
+    _check_not_half_saved(storage.as_path(path))
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: no config.json")
     try:
@@ -110,6 +112,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, text_only: bool = False,
     `config_overrides` set runtime fields of the config (`config.RUNTIME_FIELDS`, e.g.
     `scan_layers=False`, `remat='full'`).
     """
+    _check_not_half_saved(storage.as_path(path))
     ckpt = CheckpointDir(path)
     cfg = config_from_hf(read_hf_config(path), dtype=jnp.dtype(dtype).name,
                          param_dtype=jnp.dtype(param_dtype or dtype).name,
@@ -157,7 +160,7 @@ def _is_clobbered(name: str) -> bool:
     return name.endswith(".safetensors") or name in ("config.json", INDEX_NAME, MANIFEST)
 
 
-def _read_manifest(path: Path) -> list[str] | None:
+def _read_manifest(path, *, complete_only: bool = False) -> list[str] | None:
     try:
         raw = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -165,10 +168,20 @@ def _read_manifest(path: Path) -> list[str] | None:
     files = raw.get("files") if isinstance(raw, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, str) and f == Path(f).name for f in files):
         return None
+    if complete_only and raw.get("complete") is False:
+        return None
     return files
 
 
-def _previous_save(path: Path) -> tuple[list[str], list[str]]:
+def _check_not_half_saved(path) -> None:
+    """In an object store a save writes in place (no renames there): until its manifest says it
+    is complete, the directory holds a mix of two saves, which is refused."""
+    if storage.is_url(path) and (path / MANIFEST).exists() and _read_manifest(path, complete_only=True) is None:
+        raise CheckpointError(f"{path}: a save_hf into it did not finish ({MANIFEST} does not mark it complete); "
+                              "save again")
+
+
+def _previous_save(path) -> tuple[list[str], list[str]]:
     """(files an earlier `save_hf` left in `path`, files there a save would overwrite or remove that
     no `save_hf` wrote). Ownership is what the manifest lists: without one, weights or a config
     may be a user's or transformers' own, which a save must not destroy."""
@@ -178,22 +191,23 @@ def _previous_save(path: Path) -> tuple[list[str], list[str]]:
         raise CheckpointError(f"{path}: exists and is not a directory")
     manifest = _read_manifest(path) if (path / MANIFEST).exists() else []
     ours, foreign = [], []
-    for name in sorted(os.listdir(path)):
+    for name in sorted(p.name for p in path.iterdir()):
         if not _is_clobbered(name):
             continue
         entry = path / name
         if manifest is not None and (name == MANIFEST or (name in manifest and entry.is_file()
-                                                          and not entry.is_symlink())):
+                                                          and not (storage.is_local(entry) and entry.is_symlink()))):
             ours.append(name)
         else:
             foreign.append(name + (" (unreadable)" if name == MANIFEST else ""))
     return ours, foreign
 
 
-def _write_manifest(path: Path, files) -> None:
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"written_by": "t5gemma2_jax.save_hf", "files": sorted(set(files))}, indent=2))
-    os.replace(tmp, path / MANIFEST)
+def _write_manifest(path, files, *, complete: bool = True) -> None:
+    manifest = {"written_by": "t5gemma2_jax.save_hf", "files": sorted(set(files))}
+    if not complete:
+        manifest["complete"] = False
+    storage.write_text(path / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30) -> None:
@@ -212,9 +226,13 @@ def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5
     `path` must be new, empty, or an earlier `save_hf`'s (its manifest, `t5gemma2_jax_save.json`,
     lists the files it wrote): weights, an index or a config.json that no save wrote are refused
     before anything is written. Other files (a tokenizer, a README) stay untouched.
+
+    In an object store (`gs://`), where nothing can be renamed, each file is written in place as
+    one whole object, between a manifest marking the directory incomplete (which `load_hf`
+    refuses) and the one marking it complete: that last object is the save's commit.
     """
     cfg: T5Gemma2Config = model.config
-    path = Path(path)
+    path = storage.as_path(path)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = []
     for e in hf_entries(cfg):
@@ -235,20 +253,14 @@ def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5
     if foreign:
         raise CheckpointError(f"{path}: save_hf would overwrite or remove {', '.join(foreign)}, which no earlier "
                               "save_hf wrote there; save into another directory or remove them first")
+    if storage.is_url(path):
+        _save_hf_objects(path, cfg, names, shards, tensors, previous)
+        return
     home = path.resolve()                          # a sibling of the real directory: renames must not cross devices
     home.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{home.name}.", suffix=".saving", dir=home.parent))
     try:
-        for name, shard in zip(names, shards):
-            write_safetensors(staging / name, shard)
-        if len(shards) > 1:
-            weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
-            total = sum(int(np.prod(t[1])) * np.dtype(t[2]).itemsize for t in tensors)
-            (staging / INDEX_NAME).write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        param_dtype = jnp.dtype(cfg.param_dtype).name
-        (staging / "config.json").write_text(json.dumps(config_to_hf(cfg, param_dtype), indent=2))
-        written = names + ([INDEX_NAME] if len(shards) > 1 else []) + ["config.json"]
+        written = _write_files(staging, cfg, names, shards, tensors)
 
         path.mkdir(exist_ok=True)
         # While files move, old and new are both ours: a crash here must not lock the user out.
@@ -261,3 +273,28 @@ def save_hf(model: T5Gemma2, path: str | os.PathLike, *, max_shard_size: int = 5
         _write_manifest(path, written)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_files(directory, cfg: T5Gemma2Config, names: list[str], shards: list, tensors: list) -> list[str]:
+    """Weights, then the index that points at them, then config.json; the names written."""
+    for name, shard in zip(names, shards):
+        write_safetensors(directory / name, shard)
+    if len(shards) > 1:
+        weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
+        total = sum(int(np.prod(t[1])) * np.dtype(t[2]).itemsize for t in tensors)
+        storage.write_text(directory / INDEX_NAME,
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    param_dtype = jnp.dtype(cfg.param_dtype).name
+    storage.write_text(directory / "config.json", json.dumps(config_to_hf(cfg, param_dtype), indent=2))
+    return names + ([INDEX_NAME] if len(shards) > 1 else []) + ["config.json"]
+
+
+def _save_hf_objects(path, cfg: T5Gemma2Config, names: list[str], shards: list, tensors: list,
+                     previous: list[str]) -> None:
+    """`save_hf` into an object store: in place, between an incomplete and a complete manifest."""
+    new = names + ([INDEX_NAME] if len(shards) > 1 else []) + ["config.json"]
+    _write_manifest(path, [*previous, *new], complete=False)
+    written = _write_files(path, cfg, names, shards, tensors)
+    for name in sorted((n for n in previous if n not in written and n != MANIFEST), key=lambda n: n != INDEX_NAME):
+        storage.remove(path / name)
+    _write_manifest(path, written)

@@ -19,10 +19,9 @@ import json
 import os
 import re
 from collections import defaultdict
-from pathlib import Path
-
 import numpy as np
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.checkpoints.hf_text import text_hf_entries
 from t5gemma2_jax.checkpoints.hf_vision import vision_hf_entries
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
@@ -95,7 +94,7 @@ def _layers(site: Site, x: np.ndarray) -> list[np.ndarray]:
 
 
 def write_adapter(path: str | os.PathLike, adapters: list[Adapter], *,
-                  base_model_name_or_path: str | None = None) -> Path:
+                  base_model_name_or_path: str | None = None) -> "storage.AnyPath":
     """The PEFT directory of `adapters` (see the module docstring)."""
     ranks = [a.rank for a in adapters]
     rank, alpha = max(set(ranks), key=ranks.count), adapters[0].alpha
@@ -126,17 +125,19 @@ def write_adapter(path: str | os.PathLike, adapters: list[Adapter], *,
         "auto_mapping": {"base_model_class": "T5Gemma2ForConditionalGeneration",
                          "parent_library": "transformers.models.t5gemma2.modeling_t5gemma2"},
     }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = storage.as_path(path)
+    if storage.is_local(path):
+        path.mkdir(parents=True, exist_ok=True)
+    # adapter_config.json is the directory's commit marker: removed first, written last, so an
+    # overwrite cut off in between leaves no directory that reads as a whole adapter.
+    storage.remove(path / CONFIG)
     write_safetensors(path / WEIGHTS, tensors)
-    tmp = path / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, path / CONFIG)
+    storage.write_text(path / CONFIG, json.dumps(config, indent=2))
     return path
 
 
 def read_peft_config(path: str | os.PathLike) -> dict:
-    file = Path(path) / CONFIG
+    file = storage.as_path(path) / CONFIG
     if not file.is_file():
         raise CheckpointError(f"{path}: not a PEFT adapter directory (no {CONFIG})")
     try:
@@ -162,7 +163,7 @@ def read_adapter(path: str | os.PathLike, sites: list[Site], kernel_shapes: dict
     does not have and every adapter whose shape does not fit its kernel: a directory for another
     architecture."""
     config = read_peft_config(path)
-    file = SafetensorsFile(Path(path) / WEIGHTS)
+    file = SafetensorsFile(storage.as_path(path) / WEIGHTS)
     pairs: dict[str, dict[str, str]] = defaultdict(dict)
     triage = KeyTriage()
     for key in file.keys():

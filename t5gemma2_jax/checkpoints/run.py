@@ -9,12 +9,18 @@ A checkpoint `WORKDIR/checkpoints/<step>/` holds three items (written by `train.
 
 The checksums are computed where each array lives (`checksums`), so verifying a restored state
 moves no parameter to a host.
+
+A step is complete when Orbax says so: on a disk it renames `<step>.orbax-checkpoint-tmp-*` to
+`<step>` when every item is written (a digits-only name), in an object store it writes straight
+into `<step>/` and puts `commit_success.txt` there last. A step that did not restore is set aside:
+moved to `checkpoints.quarantine/` on a disk, marked with `set_aside.json` in a store (nothing is
+renamed there); readers skip it either way.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -22,7 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
+from t5gemma2_jax.storage import AnyPath
+
+COMMIT_FILE = "commit_success.txt"      # Orbax's marker of a complete step in an object store
+SET_ASIDE_FILE = "set_aside.json"       # a step that did not restore, in an object store
 
 
 class CheckpointIOError(OSError):
@@ -88,29 +99,49 @@ def mismatched_checksums(state, saved: dict[str, list]) -> list[str]:
     return sorted(k for k, sums in _sums(comparable).items() if sums != saved[k][:2])
 
 
-def run_checkpoint(path: str | Path) -> Path | None:
+def is_set_aside(step_dir: AnyPath) -> bool:
+    return storage.is_url(step_dir) and (step_dir / SET_ASIDE_FILE).exists()
+
+
+def is_complete(step_dir: AnyPath) -> bool:
+    """Whether a step directory (a digits-only name) holds a whole checkpoint that was not set aside.
+    On a disk its name says so (Orbax renames a step when it is complete); in a store its
+    commit marker."""
+    if not storage.is_url(step_dir):
+        return True
+    return (step_dir / COMMIT_FILE).exists() and not (step_dir / SET_ASIDE_FILE).exists()
+
+
+def run_checkpoint(path: str | os.PathLike) -> AnyPath | None:
     """The step directory of a training checkpoint that `path` names: a step directory itself, or
-    the newest complete checkpoint of a checkpoints directory or of a work directory; else None."""
-    p = Path(path)
-    if (p / "state").is_dir() and (p / "meta").is_dir():
-        return p
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if not p.is_dir():
-        return None
-    # Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames when complete: digits only.
-    steps = [int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()]
-    return p / str(max(steps)) if steps else None
+    the newest complete checkpoint of a checkpoints directory or of a work directory; else None.
+    A step directory named directly must be complete too (CheckpointError otherwise)."""
+    p = storage.as_path(path)
+    with storage.storage_op("listing", p):
+        if (p / "state").is_dir() and (p / "meta").is_dir():
+            if not is_complete(p):
+                raise CheckpointError(f"{p}: an incomplete checkpoint (no {COMMIT_FILE}: its save was cut off) or "
+                                      f"one set aside as damaged ({SET_ASIDE_FILE})")
+            return p
+        if (p / "checkpoints").is_dir():
+            p = p / "checkpoints"
+        if not p.is_dir():
+            return None
+        steps = [int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir()]
+        for step in sorted(steps, reverse=True):
+            if is_complete(p / str(step)):
+                return p / str(step)
+    return None
 
 
-def read_run_meta(step_dir: Path) -> dict:
+def read_run_meta(step_dir: AnyPath) -> dict:
     try:
         return json.loads((step_dir / "meta" / "metadata").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({e})") from None
 
 
-def load_run_params(step_dir: Path, shapes: dict[str, jax.ShapeDtypeStruct], shardings: dict[str, Any] | None = None,
+def load_run_params(step_dir: AnyPath, shapes: dict[str, jax.ShapeDtypeStruct], shardings: dict[str, Any] | None = None,
                     *, adapters: bool = False) -> dict[str, jax.Array]:
     """The model parameters named in `shapes` from training checkpoint `step_dir` (its `params`
     and `frozen` groups, whichever holds each), placed with `shardings` (default: the first local
@@ -124,7 +155,7 @@ def load_run_params(step_dir: Path, shapes: dict[str, jax.ShapeDtypeStruct], sha
         raise CheckpointError(f"{step_dir}: a LoRA run's checkpoint holds adapters, not a model; its model is "
                               f"its base ({meta.get('config', {}).get('train', {}).get('init_from')}) with the run's "
                               "adapter directory (WORKDIR/adapter: generate.py --adapter, or load_peft + merge_lora)")
-    path = step_dir.absolute() / "state"
+    path = storage.absolute(step_dir) / "state"
     with ocp.PyTreeCheckpointer() as reader:
         tree = reader.metadata(path)
         tree = getattr(tree, "item_metadata", tree)

@@ -14,6 +14,9 @@ bytes) is the caller's to check against its target (`dtype()`, `FLOATING`).
 
 Writing stays our own: the library's writers take every tensor in memory at once, ours asks a
 producer for one tensor at a time, so a checkpoint is never held whole.
+
+A file in an object store (`gs://`) cannot be memory-mapped: its bytes are read into a local
+temporary file first (deleted when the reader is), which is then opened like any other.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import re
 import struct
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -30,6 +34,8 @@ from typing import Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
+
+from t5gemma2_jax import storage
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -84,10 +90,22 @@ class SafetensorsFile:
     """One `.safetensors` file, validated by the library when opened, read tensor by tensor."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = storage.as_path(path)
+        self._local = self.path
+        self._download = None
+        if storage.is_url(self.path):
+            self._download = tempfile.NamedTemporaryFile(prefix=".safetensors.", suffix=".download")
+            try:
+                with storage.storage_op("reading", self.path), self.path.open("rb") as f:
+                    while chunk := f.read(1 << 24):
+                        self._download.write(chunk)
+            except FileNotFoundError as e:
+                raise CheckpointError(f"{self.path}: cannot be opened ({_one_line(e.strerror or e)})") from None
+            self._download.flush()
+            self._local = Path(self._download.name)
         self._check_framing()
         try:
-            self._handle = safe_open(str(self.path), framework="numpy")
+            self._handle = safe_open(str(self._local), framework="numpy")
         except SafetensorError as e:
             raise CheckpointError(f"{self.path}: {_explain(e)}") from None
         except OSError as e:
@@ -105,8 +123,8 @@ class SafetensorsFile:
     def _check_framing(self) -> None:
         """The two faults the library reports without numbers; the rest it reports itself."""
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
+            size = self._local.stat().st_size
+            with open(self._local, "rb") as f:
                 raw = f.read(8)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot be opened ({_one_line(e.strerror or e)})") from None
@@ -152,7 +170,7 @@ class SafetensorsFile:
         return arr
 
 
-def _shard_path(directory: Path, index: Path, name: str) -> Path:
+def _shard_path(directory, index, name: str):
     """Where shard `name` of `index` lives, refusing any name that leads out of `directory`.
 
     The one symlink allowed out is the Hugging Face cache's own layout: `snapshots/<rev>/<file>`
@@ -163,6 +181,8 @@ def _shard_path(directory: Path, index: Path, name: str) -> Path:
         raise CheckpointError(f"{index}: shard path {name!r} is not a file name inside {directory}")
     if os.path.normpath(name).split(os.sep)[0] == os.pardir:
         raise CheckpointError(f"{index}: shard path {name!r} leads outside the checkpoint directory {directory}")
+    if storage.is_url(directory):      # no links in an object store: the name check above is all
+        return directory / name
     home = directory.resolve()
     target = (directory / name).resolve()
     cache_blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else None
@@ -172,7 +192,7 @@ def _shard_path(directory: Path, index: Path, name: str) -> Path:
     return directory / name
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _read_index(index) -> dict[str, str]:
     try:
         raw = json.loads(index.read_bytes().decode("utf-8"))
     except OSError as e:
@@ -200,7 +220,7 @@ class CheckpointDir:
     """All tensors of an HF checkpoint directory: one file, or shards listed by an index."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = storage.as_path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: checkpoint directory does not exist")
         index = self.path / INDEX_NAME
@@ -248,7 +268,7 @@ class CheckpointDir:
     def dtype(self, key: str) -> str:
         return self._files[self._where[key]].dtype(key)
 
-    def file(self, key: str) -> Path:
+    def file(self, key: str) -> storage.AnyPath:
         return self._files[self._where[key]].path
 
     def get(self, key: str) -> np.ndarray:
@@ -276,20 +296,15 @@ def write_safetensors(path: str | os.PathLike,
     """Write tensors given as (name, shape, dtype, producer); producers run one at a time."""
     tensors = list(tensors)
     raw, _ = _header_bytes([(n, tuple(s), np.dtype(d)) for n, s, d, _ in tensors], metadata or {"format": "pt"})
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, shape, dtype, produce in tensors:
-                arr = np.asarray(produce(), dtype=dtype, order="C")   # keeps 0-d tensors 0-d
-                if arr.shape != tuple(shape):
-                    raise CheckpointError(f"tensor {name!r}: produced shape {arr.shape}, declared {tuple(shape)}")
-                f.write(arr.tobytes())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)   # never leave a half-written file under the final name
+    # Never a half-written file under the final name (a temporary file renamed, or one object).
+    with storage.open_write(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype, produce in tensors:
+            arr = np.asarray(produce(), dtype=dtype, order="C")   # keeps 0-d tensors 0-d
+            if arr.shape != tuple(shape):
+                raise CheckpointError(f"tensor {name!r}: produced shape {arr.shape}, declared {tuple(shape)}")
+            f.write(arr.tobytes())
 
 
 def split_shards(tensors: list, max_shard_bytes: int) -> Iterator[list]:

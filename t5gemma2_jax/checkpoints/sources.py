@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.checkpoints.export import (CONFIG_FILE as EXPORT_CONFIG, flat_params, is_export, load_export_arrays,
                                              read_export_config)
 from t5gemma2_jax.checkpoints.hf import load_hf, read_hf_config
@@ -21,6 +21,7 @@ from t5gemma2_jax.checkpoints.run import load_run_params, read_run_meta, run_che
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.config import T5Gemma2Config
 from t5gemma2_jax.configlib import ConfigError, load_yaml
+from t5gemma2_jax.storage import AnyPath
 
 RUN_CONFIG = "config.yaml"   # the resolved config a run writes into its work directory
 
@@ -34,8 +35,8 @@ class Source:
     its final `adapter/`); `path` the directory read; `workdir` the training run it belongs to."""
 
     kind: str
-    path: Path
-    workdir: Path | None = None
+    path: AnyPath
+    workdir: AnyPath | None = None
     meta: dict | None = None            # a run checkpoint's metadata (its config, model config, step)
 
     @property
@@ -104,8 +105,14 @@ class Source:
 
 
 def find_source(path: str | os.PathLike, *, what: str = "--checkpoint") -> Source:
-    """Which loadable thing `path` is; ConfigError naming it when it is none of them."""
-    p = Path(path)
+    """Which loadable thing `path` is (a local path or a `gs://` URL); ConfigError naming it when
+    it is none of them."""
+    p = storage.as_path(path)
+    with storage.storage_op("reading", p):
+        return _find_source(p, what)
+
+
+def _find_source(p: AnyPath, what: str) -> Source:
     if not p.is_dir():
         raise ConfigError(f"{what} {p}: no such directory")
     parent_run = p.parent if (p.parent / RUN_CONFIG).is_file() else None

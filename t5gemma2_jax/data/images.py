@@ -37,6 +37,8 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
+from t5gemma2_jax import storage
+
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
 RESCALE_FACTOR = 1.0 / 255.0
@@ -97,8 +99,12 @@ def _looks_like_base64(s: str) -> bool:
 
 def _read_file(path: str, origin: str) -> bytes:
     try:
+        if storage.is_url(path):
+            return storage.read_bytes(path)
         with open(path, "rb") as f:
             return f.read()
+    except storage.StorageError:
+        raise                         # the store failing is not a bad image
     except IsADirectoryError:
         raise ImageError(f"image path {origin} is a directory", MISSING_IMAGE) from None
     except OSError as e:
@@ -107,9 +113,18 @@ def _read_file(path: str, origin: str) -> bytes:
 
 
 def _resolve(ref: str, base_dir: str | os.PathLike | None) -> str:
-    if base_dir is None or os.path.isabs(ref):
+    if base_dir is None or os.path.isabs(ref) or storage.is_url(ref):
         return ref
+    if storage.is_url(base_dir):
+        return os.fspath(base_dir).rstrip("/") + "/" + ref
     return os.path.join(os.fspath(base_dir), ref)
+
+
+def _exists(path: str) -> bool:
+    if storage.is_url(path):
+        with storage.storage_op("reading", path):
+            return storage.as_path(path).is_file()
+    return os.path.exists(path)
 
 
 def _load_string(ref: str, base_dir, max_pixels: int | None) -> Image.Image:
@@ -124,7 +139,7 @@ def _load_string(ref: str, base_dir, max_pixels: int | None) -> Image.Image:
     path = None
     if len(ref) < _MAX_PATH_LEN and "\n" not in ref:
         path = _resolve(ref, base_dir)
-        if os.path.exists(path):
+        if _exists(path):
             where = _describe(path)
             return _decode(_read_file(path, where), where, max_pixels)
     where = _describe(path) if path is not None else origin

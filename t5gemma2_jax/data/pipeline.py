@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data import counters, packing
 from t5gemma2_jax.data.config import DataConfig
@@ -60,7 +61,7 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
         return Tokenizer(path, overrides=dict(cfg.tokenizer_overrides), num_sentinels=cfg.num_sentinels)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    except ConfigError:
+    except (ConfigError, storage.StorageError):
         raise
     except (OSError, RuntimeError, IndexError, ValueError) as e:  # sentencepiece's errors on a bad file
         raise ConfigError(f"data.tokenizer: {path!r} is not a usable SentencePiece model for this "
@@ -320,8 +321,9 @@ def check_data_files(cfg: DataConfig) -> None:
                 raise ConfigError(f"data.{field}: {path!r} is neither JSONL {JSONL_SUFFIXES} nor "
                                   f"ArrayRecord {ARRAY_RECORD_SUFFIXES}")
             try:
-                with open(path, "rb") as f:
-                    f.read(1)
+                storage.read_range(path, 0, 1)
+            except storage.StorageError:
+                raise
             except OSError as e:
                 raise ConfigError(f"data.{field}: cannot read {path!r}: {e.strerror or e}") from None
 

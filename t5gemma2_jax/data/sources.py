@@ -4,7 +4,9 @@ Each source returns `RawRecord(source, line, payload)`; the payload is left unpa
 so that JSON decoding, and its failures, happen in the parse stage where they are counted.
 Random access (needed for global shuffling, per-host sharding and exact resume) comes from a
 byte-offset index of a JSONL file built once when the source is opened; reads use `os.pread`,
-which is safe in forked Grain workers that share a file descriptor.
+which is safe in forked Grain workers that share a file descriptor. A JSONL object in a store
+(`gs://`) is indexed by streaming it once and read by ranged requests, one per record (ArrayRecord
+is the format to prefer there: array_record reads `gs://` itself, a chunk at a time).
 
 ArrayRecord records hold the same UTF-8 JSON objects as JSONL lines (`write_array_record`
 converts). Relative image paths resolve against the data file's directory (JSONL) or
@@ -13,12 +15,13 @@ converts). Relative image paths resolve against the data file's directory (JSONL
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+
+from t5gemma2_jax import storage
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonlines")
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
@@ -48,7 +51,8 @@ class JsonlSource:
 
     def __init__(self, paths: Sequence[str]):
         self.names = [os.fspath(p) for p in paths]
-        self.base_dirs: list[str | None] = [os.path.dirname(os.path.abspath(p)) for p in self.names]
+        self.base_dirs: list[str | None] = [p.rsplit("/", 1)[0] if storage.is_url(p) else os.path.dirname(os.path.abspath(p))
+                                            for p in self.names]
         files, offsets, lengths, lines = [], [], [], []
         for fi, path in enumerate(self.names):
             o, n, ln = _index_lines(path)
@@ -69,7 +73,12 @@ class JsonlSource:
     def __getitem__(self, index: int) -> RawRecord:
         fi = int(self._file[index])
         try:
-            data = os.pread(self._fd(fi), int(self._length[index]), int(self._offset[index]))
+            if storage.is_url(self.names[fi]):
+                data = storage.read_range(self.names[fi], int(self._offset[index]), int(self._length[index]))
+            else:
+                data = os.pread(self._fd(fi), int(self._length[index]), int(self._offset[index]))
+        except storage.StorageError:
+            raise                     # the store failing is not a bad record: the run stops on it
         except OSError as e:
             data = _unreadable(e)
         return RawRecord(fi, int(self._line[index]), data)
@@ -94,7 +103,7 @@ def _index_lines(path: str, block: int = 1 << 26) -> tuple[np.ndarray, np.ndarra
     """(offset, length, 1-based line number) of every non-blank line of a file."""
     offsets, lengths, line_numbers = [], [], []
     base, line_no, rest = 0, 0, b""
-    with open(path, "rb") as f:
+    with storage.storage_op("reading", path), storage.as_path(path).open("rb") as f:
         while True:
             chunk = f.read(block)
             data = rest + chunk
@@ -174,10 +183,10 @@ Source = JsonlSource | ArrayRecordSource | MemorySource
 
 
 def expand_paths(spec: str) -> list[str]:
-    """Comma-separated paths and globs -> existing files (sorted within each glob)."""
+    """Comma-separated paths and globs (local or `gs://`) -> existing files (sorted within each glob)."""
     out: list[str] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
-        matches = sorted(glob.glob(os.path.expanduser(part)))
+        matches = storage.glob(part)
         if not matches:
             raise FileNotFoundError(f"no data file matches {part!r}")
         out += matches

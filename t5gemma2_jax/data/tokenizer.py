@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.configlib import ConfigError
 
 GEMMA3_VOCAB_SIZE = 262_144
@@ -93,10 +94,15 @@ class Tokenizer:
         sentencepiece error."""
         import sentencepiece as spm
 
-        if not os.path.exists(self.path):
+        if not storage.as_path(self.path).exists():
             raise FileNotFoundError(f"data.tokenizer: no SentencePiece model at {self.path!r}")
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+            if storage.is_url(self.path):   # sentencepiece opens local files only: hand it the bytes
+                self._sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(self.path))
+            else:
+                self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        except storage.StorageError:
+            raise
         except (OSError, RuntimeError) as e:
             raise self._error(f"is not a usable SentencePiece model ({type(e).__name__}: {e})") from None
         self.vocab_size: int = self._sp.get_piece_size()

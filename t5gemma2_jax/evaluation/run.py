@@ -12,10 +12,10 @@ import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 
 from tqdm import tqdm
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.config import DataConfig
 from t5gemma2_jax.data.pipeline import check_data_files
@@ -30,6 +30,7 @@ from t5gemma2_jax.evaluation.ruler import read_records
 from t5gemma2_jax.evaluation.ruler_score import predict, table
 from t5gemma2_jax.loading import find_source, load, load_tokenizer_for, run_config
 from t5gemma2_jax.parallel import check_batch
+from t5gemma2_jax.storage import AnyPath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +119,10 @@ def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None 
     results["config"] = {"data": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ul2_denoisers"},
                          "options": dataclasses.asdict(options), "tokenizer": str(tok.path)}
     if predictions is not None and rows:
-        _write_lines(Path(predictions), rows)
+        _write_lines(storage.as_path(predictions), rows)
         results["predictions"] = str(predictions)
     if out is not None:
-        _write_json(Path(out), results)
+        _write_json(storage.as_path(out), results)
     return results
 
 
@@ -148,17 +149,16 @@ def _finite(x):
     return x
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def _write_json(path: AnyPath, obj: dict) -> None:
     _write_atomically(path, json.dumps(_finite(obj), indent=1) + "\n")
 
 
-def _write_lines(path: Path, rows: list[dict]) -> None:
+def _write_lines(path: AnyPath, rows: list[dict]) -> None:
     _write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: AnyPath, text: str) -> None:
     """A reader sees the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    if storage.is_local(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_text(path, text)

@@ -6,9 +6,10 @@ A checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
   meta   JSON: step, metrics, the resolved config, the mesh it was written on
 
 Saves are asynchronous (the device->host copy happens in `save`, the writing in a background
-thread). Orbax writes into a temporary directory and renames it when every item is complete,
-and `latest_step()` only sees complete checkpoints, so a process killed mid-write leaves nothing
-that a restart would resume from (the leftover temporary directory is removed on the next start).
+thread). On a disk Orbax writes into a temporary directory and renames it when every item is
+complete; in an object store (`gs://`) it writes into `<step>/` and puts `commit_success.txt`
+there last. `latest_step()` only sees complete checkpoints, so a process killed mid-write leaves
+nothing that a restart would resume from (the leftover is removed on the next start).
 Restoring reads every array straight into the shardings of the target mesh, which may differ from
 the mesh it was written on.
 
@@ -23,15 +24,16 @@ import json
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from t5gemma2_jax.checkpoints.run import CheckpointIOError, checksums, mismatched_checksums
+from t5gemma2_jax import storage
+from t5gemma2_jax.checkpoints.run import SET_ASIDE_FILE, CheckpointIOError, checksums, is_set_aside, mismatched_checksums
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
+from t5gemma2_jax.storage import AnyPath
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +84,37 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _WithoutSetAside(ocp.path.step.NameFormat):
+    """Orbax's step naming, blind to the steps marked `set_aside.json` (an object store's way of
+    setting a damaged checkpoint aside, where nothing can be renamed): Orbax lists, restores,
+    keeps and garbage-collects only the others."""
+
+    inner: Any
+
+    def build_name(self, step: int) -> str:
+        return self.inner.build_name(step)
+
+    def find_all(self, base_path):
+        return [m for m in self.inner.find_all(base_path) if not is_set_aside(epath.Path(m.path))]
+
+    def find_step(self, base_path, step: int):
+        found = self.inner.find_step(base_path, step)
+        if is_set_aside(epath.Path(found.path)):
+            raise ValueError(f"checkpoint {step} under {base_path} was set aside ({SET_ASIDE_FILE})")
+        return found
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
     state: Any
     data: Any  # this process' data-iterator state, or None
     meta: dict
+
+
+class CheckpointStoreError(CheckpointIOError, storage.StorageError):
+    """A checkpoint could not be written to an object store (unreachable, refused)."""
 
 
 class CheckpointMismatch(CheckpointError):
@@ -107,9 +134,14 @@ class Checkpointer:
     directory takes a write and has room for it (`CheckpointIOError` in one line, at the save that
     would fail, instead of a stall inside Orbax or an error one save later). `restore_latest`
     verifies the checksums and falls back, checkpoint by checkpoint, to the newest one that
-    restores; a checkpoint that does not is moved to `<directory>.quarantine/`, never deleted."""
+    restores; a checkpoint that does not is set aside, never deleted: on a disk moved to
+    `<directory>.quarantine/`, in an object store marked with `set_aside.json` (moved out of
+    the way only if the run comes to save that step again).
 
-    def __init__(self, directory: str | Path, *, every: int, keep: int = 3, keep_best: bool = False,
+    In an object store the write probe and the free-space check are skipped (a bucket has no
+    free space to measure), and a save cut off by the store going away is not waited for."""
+
+    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int = 3, keep_best: bool = False,
                  async_save: bool = True, write_gb: int = 2):
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         if keep_best:
@@ -119,8 +151,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
-        self.directory = Path(directory)
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            step_name_format=(_WithoutSetAside(ocp.path.step.standard_name_format())
+                              if storage.is_url(directory) else None))
+        self.directory = storage.as_path(directory)
+        self.remote = storage.is_url(directory)
+        self._unconfirmed: set[int] = set()      # steps saved since the last save known to have landed
         # Handlers named up front, so that a fresh manager can read a checkpoint's metadata (the
         # layout check) before anything was saved or restored through it.
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
@@ -144,12 +180,17 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the earlier save's failure
             raise self._write_failed(e) from None
+        self._unconfirmed.clear()
         if not (force or self.manager.should_save(step)):
             return False
-        self._check_writable(step, self._needed_bytes(state_bytes(state)))
+        if self.remote:
+            self._clear_set_aside(step)
+        else:
+            self._check_writable(step, self._needed_bytes(state_bytes(state)))
         meta = {**meta, "checksums": checksums(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ProcessJsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
+        self._unconfirmed.add(step)
         try:
             saved = self.manager.save(step, args=args, metrics=metrics, force=force)
         except Exception as e:  # noqa: BLE001 - incl. an earlier asynchronous save's failure
@@ -159,11 +200,18 @@ class Checkpointer:
         return saved
 
     def _write_failed(self, e: Exception) -> CheckpointIOError:
-        """One line for a failed write (Orbax and tensorstore raise long multi-line errors)."""
-        self.manager.reload()   # forget steps that never completed
+        """One line for a failed write (Orbax and tensorstore raise long multi-line errors). In a
+        store the steps are not listed again: the store may be what failed, and each request to
+        it would retry for half a minute."""
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
-        return CheckpointIOError(f"writing a checkpoint to {self.directory} failed ({first}); complete "
-                                 f"checkpoints: {self.all_steps()}")
+        if self.remote:
+            complete = sorted(set(self.manager.all_steps()) - self._unconfirmed)
+            where = f"{storage.bucket(self.directory)}: writing a checkpoint to {self.directory}"
+        else:
+            self.manager.reload()   # forget steps that never completed
+            complete, where = self.all_steps(), f"writing a checkpoint to {self.directory}"
+        error = CheckpointStoreError if self.remote else CheckpointIOError
+        return error(f"{where} failed ({type(e).__name__}: {first}); complete checkpoints: {complete}")
 
     def _needed_bytes(self, state_nbytes: int) -> int:
         """Room a save needs: the latest checkpoint's size on disk when there is one (it includes
@@ -171,7 +219,7 @@ class Checkpointer:
         latest = self.latest_step()
         on_disk = 0
         if latest is not None:
-            on_disk = sum(p.stat().st_size for p in (self.directory / str(latest)).rglob("*") if p.is_file())
+            on_disk = sum(os.path.getsize(p) for p in storage.files_under(self.directory / str(latest)))
         return int(max(on_disk, state_nbytes) * 1.1) + 2**20
 
     def _check_writable(self, step: int, nbytes: int) -> None:
@@ -239,36 +287,64 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of one checkpoint: try the one before
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                log.error("checkpoint %d in %s does not restore (%s: %s); moving it to %s and trying "
-                          "the one before", step, self.directory, type(e).__name__, reason, self.quarantine)
-                self._quarantine(step)
+                log.error("checkpoint %d in %s does not restore (%s: %s); %s and trying the one before",
+                          step, self.directory, type(e).__name__, reason, self._aside_where(step))
+                self._quarantine(step, f"{type(e).__name__}: {reason}")
         if steps:
             raise CheckpointError(f"{self.directory}: none of the checkpoints {sorted(steps)} restores "
-                                  f"(moved to {self.quarantine}); remove the directory to start afresh")
+                                  f"({self._aside_where('<step>')}); remove the directory to start afresh")
         return None
 
     @property
-    def quarantine(self) -> Path:
+    def quarantine(self) -> AnyPath:
         return self.directory.with_name(self.directory.name + ".quarantine")
 
-    def _quarantine(self, step: int) -> None:
+    def _aside_where(self, step) -> str:
+        if self.remote:
+            return f"marking it {self.directory}/{step}/{SET_ASIDE_FILE}"
+        return f"moving it to {self.quarantine}"
+
+    def _quarantine(self, step: int, reason: str = "") -> None:
         if jax.process_index() == 0:
-            self.quarantine.mkdir(parents=True, exist_ok=True)
-            target = self.quarantine / str(step)
-            n = 1
-            while target.exists():
-                target, n = self.quarantine / f"{step}.{n}", n + 1
-            shutil.move(str(self.directory / str(step)), str(target))
+            if self.remote:
+                # Nothing is renamed in an object store: a marker the readers honour sets it aside.
+                storage.write_text(self.directory / str(step) / SET_ASIDE_FILE,
+                                   json.dumps({"step": step, "reason": reason}) + "\n")
+            else:
+                self.quarantine.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self.directory / str(step)), str(self._free_quarantine_name(step)))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self.manager.reload()
 
+    def _free_quarantine_name(self, step: int) -> AnyPath:
+        target, n = self.quarantine / str(step), 1
+        while target.exists():
+            target, n = self.quarantine / f"{step}.{n}", n + 1
+        return target
+
+    def _clear_set_aside(self, step: int) -> None:
+        """A step set aside in a store blocks saving that step again (Orbax writes into `<step>/`
+        in place): its objects are moved to `<directory>.quarantine/` first."""
+        old = self.directory / str(step)
+        if jax.process_index() == 0 and is_set_aside(old):
+            target = self._free_quarantine_name(step)
+            log.warning("checkpoint %d is saved again: moving the one set aside to %s", step, target)
+            storage.move_tree(old, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"clear set-aside checkpoint {step}")
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        """Finishes the in-flight save; raises CheckpointIOError if it (or an earlier one) failed."""
+    def close(self, *, wait: bool = True) -> None:
+        """Finishes the in-flight save; raises CheckpointIOError if it (or an earlier one) failed.
+        `wait=False` leaves it unfinished (the store it writes to has stopped answering); a
+        step whose save did not finish is never resumed from."""
+        if not wait:
+            return
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001

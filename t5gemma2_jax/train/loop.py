@@ -21,6 +21,7 @@ from t5gemma2_jax.checkpoints.run import checksums
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.experiment import ExperimentConfig
 from t5gemma2_jax.train import flops as flops_lib
+from t5gemma2_jax.storage import StorageError
 from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.data import make_batches
 from t5gemma2_jax.train.heldout import HeldOut
@@ -95,11 +96,12 @@ def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, de
     data = batches if batches is not None else make_batches(cfg, trainer.model_config, "train", pidx, pcount)
     try:
         summary, state = _run(cfg, trainer, ckpt, data, eval_batches, workdir)
-    except BaseException:
+    except BaseException as e:
         # Finish (or fail) the in-flight save so the directory holds complete checkpoints only,
-        # without letting a second error hide the one that stopped the run.
+        # without letting a second error hide the one that stopped the run. Not when the store
+        # has stopped answering: the save cannot land, and waiting would only add its retries.
         try:
-            ckpt.close()
+            ckpt.close(wait=not isinstance(e, StorageError))
         except Exception as e:  # noqa: BLE001
             log.error("while stopping: %s", e)
         raise

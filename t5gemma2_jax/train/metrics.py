@@ -8,6 +8,11 @@ A train row carries the step's metrics and the data's counters (`records_seen`, 
 On resume from step N, lines of metrics.jsonl with a step > N (written by the interrupted run after
 its last checkpoint) are dropped, and TensorBoard is told to purge events after N, so both read as
 one uninterrupted run.
+
+An object store has no append (gcsfs "appends" by overwriting, keeping only the last row), so a
+work directory there gets `WORKDIR/metrics/<n>.jsonl` instead: one object per write, numbered in
+order, which `read_metrics` reads back as the one file. TensorBoard event files are written by
+tensorboardX, which writes `gs://` itself.
 """
 
 from __future__ import annotations
@@ -17,14 +22,19 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.data.counters import COUNTER_NAMES
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+METRICS_DIR = "metrics"          # in an object store: one object per write
+
+
+def _object_name(n: int) -> str:
+    return f"{n:09d}.jsonl"
 
 
 def tensorboard_tag(key: str) -> str:
@@ -51,12 +61,28 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / METRICS_FILE
+def has_metrics(workdir: str | os.PathLike) -> bool:
+    if storage.is_url(workdir):
+        return bool(_metric_objects(workdir))
+    return (storage.as_path(workdir) / METRICS_FILE).is_file()
+
+
+def _metric_objects(workdir) -> list[str]:
+    return [p for p in storage.files_under(storage.join(workdir, METRICS_DIR)) if p.endswith(".jsonl")]
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    if storage.is_url(workdir):
+        return _parse(b"".join(storage.read_many(_metric_objects(workdir))).decode())
+    path = storage.as_path(workdir) / METRICS_FILE
     if not path.exists():
         return []
+    return _parse(path.read_text())
+
+
+def _parse(text: str) -> list[dict]:
     out = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line:
             try:
@@ -67,15 +93,21 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, *, resume_step: int = 0, tensorboard: bool = True,
+    def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0, tensorboard: bool = True,
                  enabled: bool = True, tracker=None):
         self.enabled = enabled
-        self.path = Path(workdir) / METRICS_FILE
+        self.workdir = storage.as_path(workdir)
+        self.path = self.workdir / METRICS_FILE
+        self.remote = storage.is_url(workdir)
+        self._next = 0            # the number of the next object (object store)
         self.tb = None
         self.tracker = tracker if enabled else None   # a `tracking.WandbRun`: gets what TensorBoard gets
         if not enabled:
             return
-        self._truncate(resume_step)
+        if self.remote:
+            self._truncate_objects(resume_step)
+        else:
+            self._truncate(resume_step)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -83,7 +115,7 @@ class MetricsWriter:
                 log.warning("tensorboardX is not installed: no TensorBoard event files "
                             "(pip install tensorboardX)")
             else:
-                self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                self.tb = SummaryWriter(str(self.workdir / "tensorboard"),
                                         purge_step=resume_step + 1 if resume_step else None)
 
     def _truncate(self, resume_step: int) -> None:
@@ -96,12 +128,28 @@ class MetricsWriter:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             os.replace(tmp, self.path)
 
+    def _truncate_objects(self, resume_step: int) -> None:
+        names = _metric_objects(self.workdir)
+        for name, data in zip(names, storage.read_many(names)):
+            rows = _parse(data.decode())
+            keep = [r for r in rows if r.get("step", 0) <= resume_step]
+            if not keep:
+                storage.remove(name)
+            elif len(keep) != len(rows):
+                storage.write_text(name, "".join(json.dumps(r) + "\n" for r in keep))
+        if names:
+            self._next = int(names[-1].rsplit("/", 1)[-1].split(".")[0]) + 1
+
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.remote:
+            storage.write_text(self.workdir / METRICS_DIR / _object_name(self._next), json.dumps(row) + "\n")
+            self._next += 1
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         scalars = {tensorboard_tag(k): v for k, v in row.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:

@@ -10,9 +10,11 @@ from pathlib import Path
 import jax
 import yaml
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.config import ConfigError
 from t5gemma2_jax.experiment import ExperimentConfig
 from t5gemma2_jax.parallel import SetupError
+from t5gemma2_jax.storage import AnyPath
 from t5gemma2_jax.train.state import pretrained_source
 from t5gemma2_jax.train.trainer import Trainer
 
@@ -21,10 +23,20 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 
 
-def check_workdir(workdir: str | os.PathLike) -> Path:
-    if "://" in str(workdir):
-        raise SetupError(f"--workdir {str(workdir)!r}: URLs are not supported; mount the bucket (e.g. "
-                         "gcsfuse) or use a shared filesystem path visible to every host")
+def check_workdir(workdir: str | os.PathLike) -> AnyPath:
+    """The work directory, created (a local one, which must take a write) or, in an object store,
+    its bucket checked to exist: a bucket is never created by accident from a mistyped name."""
+    if storage.is_url(workdir):
+        path = storage.as_path(workdir)
+        try:
+            with storage.storage_op("checking the bucket of", workdir):
+                found = storage.as_path(storage.bucket(workdir)).exists()
+        except storage.StorageError as e:
+            raise SetupError(f"--workdir: {e}") from None
+        if not found:
+            raise SetupError(f"--workdir {str(workdir)!r}: bucket {storage.bucket(workdir)} does not exist "
+                             "(or these credentials cannot see it)")
+        return path
     path = Path(workdir).absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -37,7 +49,7 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     return path
 
 
-def prepare(cfg: ExperimentConfig, workdir: str | os.PathLike, devices=None) -> tuple[Path, Trainer]:
+def prepare(cfg: ExperimentConfig, workdir: str | os.PathLike, devices=None) -> tuple[AnyPath, Trainer]:
     """The work directory and the run's `Trainer`, everything validated against the machine;
     raises ConfigError / SetupError naming the problem. Compiles nothing and allocates nothing on
     the devices. `train.init_from` is opened (its kind and architecture, which the model takes;
@@ -69,7 +81,7 @@ def use_compilation_cache(path: str | os.PathLike) -> None:
         cc.set_cache_dir(path)
 
 
-def save_resolved_config(cfg: ExperimentConfig, workdir: Path) -> None:
+def save_resolved_config(cfg: ExperimentConfig, workdir: AnyPath) -> None:
     """WORKDIR/config.yaml (warns when a resumed run's config differs from the saved one)."""
     if jax.process_index() != 0:
         return
@@ -84,7 +96,6 @@ def save_resolved_config(cfg: ExperimentConfig, workdir: Path) -> None:
             diffs = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in new for k, v in new[s].items()
                      if old.get(s, {}).get(k) != v]
             log.warning("the config differs from the one saved in %s: %s", path, "; ".join(diffs))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("# Resolved config of this run (scripts/train.py --config THIS_FILE reruns it)\n"
-                   + cfg.to_yaml())
-    os.replace(tmp, path)
+    storage.write_text(path, "# Resolved config of this run (scripts/train.py --config THIS_FILE reruns it)\n"
+                       + cfg.to_yaml())
+

@@ -15,7 +15,7 @@ from t5gemma2_jax.modeldef import ModelDef
 from t5gemma2_jax.parallel import make_mesh, sharding_rules
 from t5gemma2_jax.train import Trainer
 from t5gemma2_jax.train.optim import make_optimizer, make_schedule
-from t5gemma2_jax.train.state import abstract_state, init_state
+from t5gemma2_jax.train.state import abstract_state
 from t5gemma2_jax.train.step import loss_and_grads, loss_sums
 
 
