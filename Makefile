@@ -37,16 +37,21 @@ tensorboard: $(TBSTAMP)
 demo: $(BASE)
 	$(PY) scripts/demo.py
 
+# Test processes (pytest-xdist; each file runs whole in one of them, so its compiled fixtures are
+# built once). They share one XLA compilation cache (tests/conftest.py).
+WORKERS ?= 2
+XDIST  := -n $(WORKERS) --dist loadfile --durations=15
+
 # The default tier: parity with transformers, generation, data, trainer steps (a few minutes).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" $(XDIST) tests
 
 # The end-to-end tier: notebook, kill -9 resume, multi-mesh and multi-process training, ablation runs.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m slow $(XDIST) tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 # The default tier under the newer JAX of GPU images (jax 0.11.2, Python 3.12) in a scratch venv;
 # not in CI (see scripts/test_jax_next.sh).

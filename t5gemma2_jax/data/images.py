@@ -78,7 +78,9 @@ class ImageError(ValueError):
 def _describe(src: object) -> str:
     if isinstance(src, (str, os.PathLike)):
         s = os.fspath(src)
-        return repr(s if len(s) <= 80 else s[:77] + "...")
+        # Paths are named whole; what is longer (base64 data inline) is cut to its start, which says
+        # its kind, and its end.
+        return repr(s if len(s) <= 240 else s[:60] + "..." + s[-60:])
     if isinstance(src, (bytes, bytearray, memoryview)):
         return f"<{len(src)} bytes>"
     return f"<{type(src).__name__}>"

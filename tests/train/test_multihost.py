@@ -1,6 +1,7 @@
 """Two processes x 4 CPU devices (jax.distributed over localhost, gloo collectives): global
-batches from process-local rows, per-process data state in checkpoints, resume. Slow (two
-processes compile concurrently), so not in the default run: pytest -m slow tests/train."""
+batches from process-local rows, per-process data state in checkpoints, resume, on a local work
+directory and on a `gs://` one (a real GCS JSON API on 127.0.0.1, `tests/gcs_emulator.py`). Slow
+(two processes compile concurrently), so not in the default run: pytest -m slow tests/train."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +36,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two(workdir: Path, cache: Path, steps: int, extra=()) -> list[subprocess.Popen]:
+def _workdir(where: str, tmp_path: Path, request, name: str = "run"):
+    """A fresh work directory: under `tmp_path`, or in a new bucket of the session's emulator."""
+    if where == "local":
+        return tmp_path / name
+    return storage.as_path(f"{request.getfixturevalue('bucket')}/{name}")
+
+
+def _start_two(workdir, cache: Path, steps: int, extra=()) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for i in range(2):
@@ -48,7 +57,7 @@ def _start_two(workdir: Path, cache: Path, steps: int, extra=()) -> list[subproc
     return procs
 
 
-def _run_two(workdir: Path, cache: Path, steps: int, extra=()) -> list[str]:
+def _run_two(workdir, cache: Path, steps: int, extra=()) -> list[str]:
     procs = _start_two(workdir, cache, steps, extra)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs):
@@ -57,8 +66,9 @@ def _run_two(workdir: Path, cache: Path, steps: int, extra=()) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
-    work, cache = tmp_path / "run", tmp_path / "cache"
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_two_processes_train_checkpoint_and_resume(tmp_path, request, where):
+    work, cache = _workdir(where, tmp_path, request), tmp_path / "cache"
     _run_two(work, cache, steps=4)
     ck = work / "checkpoints" / "4" / "data"
     states = {p.name: json.loads(p.read_text()) for p in ck.glob("process_*.json")}
@@ -91,9 +101,10 @@ def test_two_processes_train_lora_adapters(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_is_bitwise_equal(tmp_path):
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_is_bitwise_equal(tmp_path, bucket):
     """Logging only at the first and last steps, so that what stops the other host is JAX's
-    preemption sync point, checked every step, not the flags shared at logging steps."""
+    preemption sync point, checked every step, not the flags shared at logging steps. The work
+    directories are in a bucket, as on a pod (the test above runs both kinds)."""
     import jax
     import numpy as np
 
@@ -102,13 +113,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_is_bitwise_
 
     cache, steps = tmp_path / "cache", 60
     extra = ["train.log_every=1000", "train.checkpoint_every=4", "train.eval_every=0", "train.keep_checkpoints=2"]
-    _run_two(tmp_path / "ref", cache, steps, extra)
+    ref, work = storage.as_path(f"{bucket}/ref"), storage.as_path(f"{bucket}/run")
+    _run_two(ref, cache, steps, extra)
 
-    work = tmp_path / "run"
     procs = _start_two(work, cache, steps, extra)
     deadline = time.time() + 600
     while not (work / "checkpoints" / "4").exists() and time.time() < deadline and procs[1].poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
@@ -125,9 +136,9 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_is_bitwise_
     assert not (work / "export").exists()
 
     _run_two(work, cache, steps, extra)
-    ref, got = read_metrics(tmp_path / "ref"), read_metrics(work)
-    assert [r["loss"] for r in got if r["step"] == steps] == [r["loss"] for r in ref if r["step"] == steps]
-    want, have = (jax.device_get(flat_params(load_export(d / "export"))) for d in (tmp_path / "ref", work))
+    want_rows, got = read_metrics(ref), read_metrics(work)
+    assert [r["loss"] for r in got if r["step"] == steps] == [r["loss"] for r in want_rows if r["step"] == steps]
+    want, have = (jax.device_get(flat_params(load_export(d / "export"))) for d in (ref, work))
     assert sorted(have) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(have[name], want[name], err_msg=name)
