@@ -65,8 +65,8 @@ def _run(args) -> int:
               f"devices, global batch {cfg.data.batch_size}, workdir {workdir}" + _init_from(cfg))
         return 0
     summary = train(cfg, workdir)
-    print(closing_summary(summary), file=sys.stderr)
-    stopped = summary.get("stopped_by")
+    print(summary.describe(), file=sys.stderr)
+    stopped = summary.stopped_by
     if stopped == "divergence":
         return DIVERGED
     if stopped is not None:
@@ -83,38 +83,6 @@ def _init_from(cfg) -> str:
         return ""
     src = cfg.init_source
     return f", model from train.init_from ({src.kind}: {src.path})"
-
-
-def closing_summary(s: dict) -> str:
-    """What a run did, in a few lines: how far it got, the losses, the data it skipped, where its
-    checkpoints and export are, and how it stopped."""
-    if "wall_time_s" not in s:
-        return f"already complete at step {s['step']}; nothing to do"
-    lines = [f"steps {s['start_step']} -> {s['step']} in {s['wall_time_s']:.0f} s"
-             + (f"; train loss {s['loss']:.4f}" if "loss" in s else "")
-             + (f"; eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else "")]
-    stats = s.get("data_stats") or {}
-    if "records_seen" in stats:
-        lines.append(f"data: {stats['examples']} examples from {stats['records_seen']} records; "
-                     + s.get("skip_summary", ""))
-    if s.get("nonfinite_steps"):
-        lines.append(f"non-finite steps not applied: {s['nonfinite_steps']}")
-    lines.append(f"checkpoints: {s['checkpoints']} (latest step {s['last_checkpoint']})"
-                 + (f"; export: {s['export']}" if "export" in s else "")
-                 + (f"; adapter (PEFT): {s['adapter']}" if "adapter" in s else ""))
-    stopped = s.get("stopped_by")
-    if stopped == "divergence":
-        if s.get("broken_at_step") is not None:
-            why = (f"step {s['broken_at_step']} left the parameters non-finite (not saved; "
-                   f"last good step {s.get('last_applied_step')})")
-        else:
-            why = (f"the loss or gradient was not finite for {s.get('nonfinite_steps')} steps "
-                   f"(last applied step {s.get('last_applied_step')})")
-        lines.append(f"error: stopped: {why}; lower optim.learning_rate or set optim.clip_norm, then rerun "
-                     "to resume from the latest checkpoint")
-    elif stopped is not None:
-        lines.append(f"stopped at step {s['step']} on {stopped}; rerun the same command to resume")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

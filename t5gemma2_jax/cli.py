@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import traceback
 from typing import Callable
 
@@ -78,6 +79,22 @@ class ProcessLogFilter(logging.Filter):
 
 
 PROCESS_FILTER = ProcessLogFilter()
+
+
+class UnreachableStoreFilter(logging.Filter):
+    """Keeps one line of a background thread's report of a connection failure (Orbax's save
+    threads log the exception they hand to the main thread): the main thread ends the run with
+    the one-line error naming the bucket and the operation, and a traceback beside it would only
+    repeat the store's address."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and threading.current_thread() is not threading.main_thread():
+            e: BaseException | None = record.exc_info[1]
+            while e is not None and not isinstance(e, OSError):
+                e = e.__cause__ or e.__context__
+            if e is not None:
+                record.exc_info, record.exc_text = None, None
+        return True
 LOG_FORMAT = "%(asctime)s [%(process_tag)s] %(levelname)s %(name)s: %(message)s"
 
 
@@ -92,6 +109,7 @@ def configure_logging(level: int = logging.INFO, quiet: tuple[str, ...] = ("absl
             root.removeHandler(h)
     handler = logging.StreamHandler()
     handler.addFilter(PROCESS_FILTER)
+    handler.addFilter(UnreachableStoreFilter())
     handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler])   # a no-op where logging is set up already (pytest)
     for name in quiet:

@@ -129,3 +129,46 @@ def test_the_scripts_logging_replaces_the_handler_absl_installs_on_import():
     err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stderr
     lines = [ln[9:] for ln in err.splitlines() if "t5gemma2_jax.x" in ln]
     assert lines == ["[p?] INFO t5gemma2_jax.x: before", "[p0] INFO t5gemma2_jax.x: after"], err[-2000:]
+
+
+def test_a_background_threads_connection_failure_is_one_line_and_other_tracebacks_stay():
+    """Orbax's save threads log the exception they hand to the main thread; when the store stops
+    answering, the main thread's one-line error says it, so their report keeps its line only."""
+    import io
+    import threading
+
+    from t5gemma2_jax.cli import UnreachableStoreFilter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(UnreachableStoreFilter())
+    logger = logging.getLogger("test_hosts.threads")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    def report(error: BaseException) -> None:
+        try:
+            raise error
+        except BaseException:
+            logger.exception("save raised: %s", error)
+
+    def wrapped() -> RuntimeError:
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")
+        except OSError as e:
+            try:
+                raise RuntimeError("Cannot connect to host 127.0.0.1:1") from e
+            except RuntimeError as r:
+                return r
+
+    try:
+        for error in (wrapped(), ValueError("a bug")):
+            t = threading.Thread(target=report, args=(error,))
+            t.start()
+            t.join()
+        report(wrapped())                                  # the main thread's own report keeps its traceback
+    finally:
+        logger.removeHandler(handler)
+    text = out.getvalue()
+    assert text.startswith("save raised: Cannot connect to host 127.0.0.1:1\nsave raised: a bug\nTraceback"), text
+    assert text.count("Traceback") == 3 and "ValueError: a bug" in text, text   # the bug's, and the main thread's chain

@@ -17,9 +17,10 @@ from t5gemma2_jax.parallel import (SetupError, global_batch, make_mesh, maybe_in
                                      sharding_rules)
 from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.flops import StepFlops, compiled_flops, compiled_memory, peak_flops_per_device, step_flops
-from t5gemma2_jax.train.loop import evaluate, train
+from t5gemma2_jax.train.loop import train
 from t5gemma2_jax.train.metrics import read_metrics
 from t5gemma2_jax.train.optim import make_optimizer
+from t5gemma2_jax.train.reports import evaluate
 from t5gemma2_jax.train.setup import prepare
 from t5gemma2_jax.train.state import abstract_state, init_state
 from t5gemma2_jax.train.step import CompiledSteps, loss_and_grads, make_eval_step, make_train_step

@@ -20,18 +20,14 @@ from t5gemma2_jax.checkpoints.export import save_export
 from t5gemma2_jax.checkpoints.run import checksums
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.experiment import ExperimentConfig
-from t5gemma2_jax.train import flops as flops_lib
 from t5gemma2_jax.storage import StorageError
 from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.data import make_batches
-from t5gemma2_jax.train.heldout import HeldOut
-from t5gemma2_jax.train.metrics import MetricsWriter, Progress
-from t5gemma2_jax.train.plots import save_loss_plot
 from t5gemma2_jax.train.preemption import PreemptionGuard
 from t5gemma2_jax.train.profile import StepProfiler
+from t5gemma2_jax.train.reports import Reports
 from t5gemma2_jax.train.setup import prepare, save_resolved_config
-from t5gemma2_jax.train.step import CompiledSteps
-from t5gemma2_jax.train.tracking import WandbRun, git_state
+from t5gemma2_jax.train.summary import RunSummary
 from t5gemma2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -83,19 +79,20 @@ class Divergence:
                 f"(last applied: step {self.last_good}); stopping with the checkpoints as they are")
 
 
-def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, devices=None) -> dict:
+def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, devices=None) -> RunSummary:
     """Runs (or resumes) the experiment in `workdir`. `batches` / `eval_batches()` replace the
     configured data (an iterator with get_state/set_state, a function returning one)."""
     started = time.time()
     workdir, trainer = prepare(cfg, workdir, devices)
-    t, pidx, pcount = cfg.train, jax.process_index(), jax.process_count()
+    t = cfg.train
     save_resolved_config(cfg, workdir)
     ckpt = Checkpointer(workdir / "checkpoints", every=t.checkpoint_every, keep=t.keep_checkpoints,
                         keep_best=t.keep_best, async_save=t.async_checkpointing,
                         write_gb=t.checkpoint_write_gb)
-    data = batches if batches is not None else make_batches(cfg, trainer.model_config, "train", pidx, pcount)
+    data = batches if batches is not None else make_batches(cfg, trainer.model_config, "train",
+                                                            jax.process_index(), jax.process_count())
     try:
-        summary, state = _run(cfg, trainer, ckpt, data, eval_batches, workdir)
+        summary, state = _run(cfg, trainer, ckpt, data, Reports(cfg, trainer, workdir, eval_batches))
     except BaseException as e:
         # Finish (or fail) the in-flight save so the directory holds complete checkpoints only,
         # without letting a second error hide the one that stopped the run. Not when the store
@@ -112,15 +109,15 @@ def train(cfg: ExperimentConfig, workdir, *, batches=None, eval_batches=None, de
             data.close()
     if state is None:                     # the work directory holds a finished run
         return summary
-    if t.export_at_end and summary["stopped_by"] is None:
+    if t.export_at_end and summary.stopped_by is None:
         if trainer.saves_base:
-            summary["export"] = str(save_export(workdir / "export", trainer.model_config,
-                                                {**state["params"], **state["frozen"]}))
+            summary.export = str(save_export(workdir / "export", trainer.model_config,
+                                             {**state["params"], **state["frozen"]}))
         else:                                 # the adapters, for transformers + peft or `load_peft`
             model = trainer.model_def.merge(state["params"], state["frozen"])
-            summary["adapter"] = str(save_peft(model, workdir / "adapter", base_model_name_or_path=t.init_from))
-    summary.update(wall_time_s=time.time() - started, workdir=str(workdir), checkpoints=str(ckpt.directory),
-                   last_checkpoint=ckpt.latest_step())
+            summary.adapter = str(save_peft(model, workdir / "adapter", base_model_name_or_path=t.init_from))
+    summary.wall_time_s, summary.workdir = time.time() - started, str(workdir)
+    summary.checkpoints, summary.last_checkpoint = str(ckpt.directory), ckpt.latest_step()
     return summary
 
 
@@ -151,133 +148,54 @@ def _restore(cfg: ExperimentConfig, trainer: Trainer, ckpt: Checkpointer, data):
     return state, restored.step, restored.meta
 
 
-def _run(cfg, trainer: Trainer, ckpt: Checkpointer, data, eval_batches, workdir):
+def _run(cfg: ExperimentConfig, trainer: Trainer, ckpt: Checkpointer, data, reports: Reports):
     """(summary, final state); the state is None when the run had already finished."""
-    t, mesh, pidx, pcount = cfg.train, trainer.mesh, jax.process_index(), jax.process_count()
+    t = cfg.train
     state, start, meta_in = _restore(cfg, trainer, ckpt, data)
+    summary = RunSummary(start_step=start, step=start)
     if start >= t.steps:
-        return {"start_step": start, "step": start, "preempted": False}, None
-    summary = {"start_step": start, "step": start, "preempted": False, "stopped_by": None, "diverged": False}
-    git = git_state()      # the code this run (or this resumption of it) ran, in every checkpoint's metadata
-    tracker = WandbRun(t.wandb, workdir, {**cfg.to_dict(), "git": git}) if t.wandb.enabled and pidx == 0 else None
-    writer = MetricsWriter(workdir, resume_step=start, tensorboard=t.tensorboard, enabled=pidx == 0, tracker=tracker)
-    tic = time.time()
-    steps = trainer.compile()
-    log.info("compiled the train step in %.1f s", time.time() - tic)
-    d = cfg.data
-    tokens = d.batch_size * (d.encoder_length + d.decoder_length)
-    step_flops = trainer.step_flops().train_per_step
-    peak, peak_src = flops_lib.peak_flops_per_device(mesh.devices.flat[0], t.peak_tflops)
-    log.info("%.4g TFLOP per step (analytic); peak %.4g TFLOP/s per device (%s)", step_flops / 1e12, peak / 1e12, peak_src)
-    meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape), "model_config": trainer.model_config.to_dict(),
-            "git": git}
-    if not trainer.saves_base:     # on resume, the ones `_restore` has just verified the base against
-        meta["base_checksums"] = meta_in.get("base_checksums") or checksums(state["frozen"])
+        return summary, None
+    steps = reports.compile(start)
+    meta = _checkpoint_meta(cfg, trainer, state, meta_in, reports.git)
     divergence = Divergence(t.max_nonfinite_steps, meta_in.get("nonfinite_steps", 0), start)
-
-    progress = Progress(t.steps, start, enabled=t.progress_bar and pidx == 0)
-    held_out = HeldOut(cfg, trainer.model_config) if t.eval_generate_every else None
-
-    def run_eval(step: int) -> dict:
-        metrics = evaluate(steps, state, trainer, eval_batches() if eval_batches
-                           else make_batches(cfg, trainer.model_config, "eval", pidx, pcount), t.eval_steps)
-        writer.write(step, metrics)
-        save_loss_plot(workdir, enabled=pidx == 0)
-        progress.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f}")
-        summary["eval_loss"] = metrics["eval_loss"]
-        return metrics
-
-    def run_generation_eval(step: int) -> None:
-        metrics, samples = held_out.evaluate(trainer.model_def.merge(state["params"], state["frozen"]))
-        writer.write(step, {**metrics, "eval_samples": samples})
-        writer.write_text(step, "eval_samples", samples)
-        progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        summary.update(metrics)
-
     if start == 0 and t.evaluates_at_start:        # the starting point of a fine-tune, in metrics.jsonl
-        run_eval(0)
-        if held_out is not None:
-            run_generation_eval(0)
-    pending, last_time, last_step = [], time.time(), start
-    with PreemptionGuard() as guard, StepProfiler(t.profile_steps, workdir, enabled=pidx == 0) as profiler:
+        reports.evaluate(0, steps, state, summary, at_start=True)
+    with PreemptionGuard() as guard, StepProfiler(t.profile_steps, reports.workdir, enabled=reports.chief) as profiler:
         for step in range(start + 1, t.steps + 1):
             with profiler.trace(step):
                 state, m = steps.train(state, trainer.place_batch(next(data)))
             profiler.after(step, m)
             divergence.push(step, m["nonfinite"], m["param_norm"])
-            pending.append(m)
-            is_log = step % t.log_every == 0 or step == t.steps or step == start + 1
-            if is_log:
-                divergence.flush()
-                now = time.time()
-                dt = (now - last_time) / (step - last_step)
-                row = _log_row(jax.device_get(pending), data.stats(), divergence.total, dt, tokens,
-                               step_flops / dt / mesh.size, peak)
-                writer.write(step, row)
-                progress.update(step - last_step, row)
-                pending, last_time, last_step = [], now, step
-                summary["loss"] = row["loss"]
-            eval_metrics = None
-            if t.eval_every and step % t.eval_every == 0:
-                eval_metrics = run_eval(step)
-            if t.eval_generate_every and step % t.eval_generate_every == 0:
-                run_generation_eval(step)
-            summary["step"] = step
-            stop = guard.should_stop(step, sync=is_log)
-            save = step % t.checkpoint_every == 0 or step == t.steps or stop or (eval_metrics and t.keep_best)
+            logged = reports.step(step, m, data, divergence, summary)
+            eval_loss = reports.evaluate(step, steps, state, summary)
+            summary.step = step
+            stop = guard.should_stop(step, sync=logged)
+            save = step % t.checkpoint_every == 0 or step == t.steps or stop or (eval_loss is not None and t.keep_best)
             if save:
                 divergence.flush()        # the state about to be saved is known to be good
             if divergence.diverged:
-                summary["diverged"] = True
                 log.error("%s", divergence.describe())
+                summary.stopped_by = "divergence"
                 break
             if save:
                 ckpt.save(step, trainer.checkpointed(state), data.get_state(),
-                          {**meta, "step": step, "nonfinite_steps": divergence.total},
-                          force=True, metrics={"eval_loss": eval_metrics["eval_loss"]} if eval_metrics else None)
+                          {**meta, "step": step, "nonfinite_steps": divergence.total}, force=True,
+                          metrics=None if eval_loss is None else {"eval_loss": eval_loss})
             if stop:
-                summary["preempted"], summary["stopped_by"] = True, guard.requested or "preemption"
+                summary.stopped_by = guard.requested or "preemption"
                 break
     divergence.flush()
-    progress.close()
-    writer.close()
-    save_loss_plot(workdir, enabled=pidx == 0)
-    summary.update(nonfinite_steps=divergence.total, last_applied_step=divergence.last_good,
-                   broken_at_step=divergence.broken_at,
-                   data_stats=data.stats())
-    if hasattr(data, "skip_summary"):
-        summary["skip_summary"] = data.skip_summary()
-    if summary["diverged"]:
-        summary["stopped_by"] = "divergence"
+    reports.close()
+    summary.nonfinite_steps, summary.last_applied_step = divergence.total, divergence.last_good
+    summary.broken_at_step, summary.data_stats = divergence.broken_at, data.stats()
+    summary.skip_summary = data.skip_summary() if hasattr(data, "skip_summary") else None
     return summary, state
 
 
-def _log_row(rows: list[dict], data_stats: dict, nonfinite_total: int, dt: float, tokens: int,
-             flops_per_device_s: float, peak: float) -> dict:
-    """One metrics.jsonl row: the last step's metrics, the window's mean loss, speed, the data's
-    counters (records seen, examples, skips by reason) and the non-finite steps so far."""
-    row = {k: float(v) for k, v in rows[-1].items() if k != "nonfinite"}
-    row["loss_avg"] = float(np.mean([r["loss"] for r in rows]))
-    row.update(step_time=dt, tokens_per_s=tokens / dt, tflops_per_device=flops_per_device_s / 1e12,
-               mfu=(flops_per_device_s / peak) if peak else None, nonfinite_steps=nonfinite_total)
-    row.update({k: v for k, v in data_stats.items() if isinstance(v, (int, float))})
-    return row
-
-
-def evaluate(steps: CompiledSteps, state, trainer: Trainer, batches, max_batches: int) -> dict:
-    """Mean eval cross-entropy over at most `max_batches` batches (weighted by token count)."""
-    sums = []
-    try:
-        for i, b in enumerate(batches):
-            if i >= max_batches:
-                break
-            sums.append(steps.eval(state, trainer.place_batch(b)))
-    finally:
-        # Also when a step fails: an eval pipeline left open keeps its workers' batches in shared
-        # memory until the interpreter's exit, which then reports them as leaked.
-        if hasattr(batches, "close"):
-            batches.close()
-    sums = jax.device_get(sums)
-    loss = sum(float(s["loss_sum"]) for s in sums)
-    tokens = sum(float(s["tokens"]) for s in sums)
-    return {"eval_loss": loss / max(tokens, 1.0), "eval_tokens": tokens, "eval_batches": len(sums)}
+def _checkpoint_meta(cfg: ExperimentConfig, trainer: Trainer, state, meta_in: dict, git: dict) -> dict:
+    """What every checkpoint of this run (or resumption) records beside its state."""
+    meta = {"config": cfg.to_dict(), "mesh": dict(trainer.mesh.shape), "model_config": trainer.model_config.to_dict(),
+            "git": git}
+    if not trainer.saves_base:     # on resume, the ones `_restore` has just verified the base against
+        meta["base_checksums"] = meta_in.get("base_checksums") or checksums(state["frozen"])
+    return meta

@@ -32,6 +32,6 @@ def test_variant_trains_saves_and_resumes(name, tmp_path):
     assert (tmp_path / "checkpoints" / "2").is_dir()
     more = small_config(model=model, train={"steps": 4, "checkpoint_every": 2})
     summary = train(more, tmp_path)
-    assert summary["start_step"] == 2                 # resumed from the checkpoint
+    assert summary.start_step == 2                 # resumed from the checkpoint
     losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v) for v in losses.values())

@@ -53,7 +53,7 @@ def _run(workdir, backend: str, mesh: dict = TWO) -> list[dict]:
     metrics.jsonl that have a loss or an eval loss."""
     train(_config(backend, mesh, steps=2), workdir, devices=jax.devices()[:2])
     summary = train(_config(backend, mesh, steps=4), workdir, devices=jax.devices()[:2])
-    assert summary["start_step"] == 2 and summary["step"] == 4 and summary["last_checkpoint"] == 4
+    assert summary.start_step == 2 and summary.step == 4 and summary.last_checkpoint == 4
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [{k: r[k] for k in ("step", "loss", "grad_norm", "eval_loss") if k in r} for r in rows
             if "loss" in r or "eval_loss" in r]

@@ -9,6 +9,7 @@ import pytest
 
 import t5gemma2_jax.train as train_pkg
 from scripts_loader import load_script
+from t5gemma2_jax.train.summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -124,27 +125,24 @@ def test_check_opens_the_data_and_the_tokenizer(script, capsys, tmp_path, no_tra
     assert rc == 2 and "data.tokenizer: no SentencePiece model at" in err, err
 
 
-def test_closing_summary(script):
-    text = script.closing_summary({
-        "start_step": 0, "step": 200, "wall_time_s": 61.2, "loss": 0.5, "eval_loss": 1.1,
-        "data_stats": {"records_seen": 120, "examples": 118, "skipped/malformed_json": 2},
-        "skip_summary": "skipped 2 of 120 records: malformed_json 2 (first at t.jsonl:7)", "nonfinite_steps": 1,
-        "checkpoints": "/w/checkpoints", "last_checkpoint": 200, "export": "/w/export", "stopped_by": None})
+def test_closing_summary():
+    text = RunSummary(
+        start_step=0, step=200, wall_time_s=61.2, loss=0.5, eval_loss=1.1,
+        data_stats={"records_seen": 120, "examples": 118, "skipped/malformed_json": 2},
+        skip_summary="skipped 2 of 120 records: malformed_json 2 (first at t.jsonl:7)", nonfinite_steps=1,
+        checkpoints="/w/checkpoints", last_checkpoint=200, export="/w/export", stopped_by=None).describe()
     assert text.splitlines() == [
         "steps 0 -> 200 in 61 s; train loss 0.5000; eval loss 1.1000",
         "data: 118 examples from 120 records; skipped 2 of 120 records: malformed_json 2 (first at t.jsonl:7)",
         "non-finite steps not applied: 1",
         "checkpoints: /w/checkpoints (latest step 200); export: /w/export"]
-    diverged = script.closing_summary({"start_step": 0, "step": 3, "wall_time_s": 1.0, "checkpoints": "/c",
-                                       "last_checkpoint": 2, "stopped_by": "divergence", "nonfinite_steps": 3,
-                                       "last_applied_step": None})
+    diverged = RunSummary(start_step=0, step=3, wall_time_s=1.0, checkpoints="/c", last_checkpoint=2,
+                          stopped_by="divergence", nonfinite_steps=3, last_applied_step=None).describe()
     assert "error: stopped: the loss or gradient was not finite for 3 steps" in diverged
-    broken = script.closing_summary({"start_step": 2, "step": 4, "wall_time_s": 1.0, "checkpoints": "/c",
-                                     "last_checkpoint": 2, "stopped_by": "divergence", "nonfinite_steps": 1,
-                                     "last_applied_step": 2, "broken_at_step": 3})
+    broken = RunSummary(start_step=2, step=4, wall_time_s=1.0, checkpoints="/c", last_checkpoint=2,
+                        stopped_by="divergence", nonfinite_steps=1, last_applied_step=2, broken_at_step=3).describe()
     assert "error: stopped: step 3 left the parameters non-finite (not saved; last good step 2)" in broken
-    assert script.closing_summary({"start_step": 6, "step": 6, "preempted": False}) == \
-        "already complete at step 6; nothing to do"
+    assert RunSummary(start_step=6, step=6).describe() == "already complete at step 6; nothing to do"
 
 
 def test_too_much_bad_data_ends_the_run_in_one_line(script, capsys, tmp_path):

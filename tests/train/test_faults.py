@@ -22,6 +22,7 @@ from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.train import read_metrics, train
 from t5gemma2_jax.train.checkpoint import Checkpointer, CheckpointIOError
 from t5gemma2_jax.train.data import SyntheticBatches
+from t5gemma2_jax.train.summary import RunSummary
 from t5gemma2_jax.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +65,8 @@ def test_nonfinite_steps_are_not_applied_and_stop_the_run_then_it_resumes(tmp_pa
     cfg = small_config(train={"steps": 8, "checkpoint_every": 2, "keep_checkpoints": 3, "max_nonfinite_steps": 3,
                               "export_at_end": True})
     s = _run(cfg, tmp_path, NaNWeightsAt(cfg.data, cfg.model_config(), bad={1, 2, 3}))
-    assert s["diverged"] and s["stopped_by"] == "divergence" and s["step"] == 3 and "export" not in s
-    assert s["nonfinite_steps"] == 3 and s["last_applied_step"] is None and s["broken_at_step"] is None
+    assert s.diverged and s.stopped_by == "divergence" and s.step == 3 and s.export is None
+    assert s.nonfinite_steps == 3 and s.last_applied_step is None and s.broken_at_step is None
     rows = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [r["nonfinite_steps"] for r in rows] == [1, 2, 3]     # counted in metrics.jsonl at each step
     assert Checkpointer(tmp_path / "checkpoints", every=2).all_steps() == [2]
@@ -74,7 +75,7 @@ def test_nonfinite_steps_are_not_applied_and_stop_the_run_then_it_resumes(tmp_pa
     good = small_config(train={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3})
     s = _run(good, tmp_path)
     # The count resumes with the checkpoint: steps 1 and 2 were not applied before it was written.
-    assert s["start_step"] == 2 and s["step"] == 6 and not s["diverged"] and s["nonfinite_steps"] == 2
+    assert s.start_step == 2 and s.step == 6 and not s.diverged and s.nonfinite_steps == 2
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path) if r.get("step", 0) > 2 and "loss" in r)
 
 
@@ -88,12 +89,12 @@ def test_a_step_that_overflows_the_parameters_stops_the_run_before_it_is_saved(t
     # Step 3's batch is bad (not applied); step 4 is applied and breaks the parameters. Its flags
     # are read late, but before the checkpoint due at step 4.
     s = _run(bad, tmp_path, NaNWeightsAt(bad.data, bad.model_config(), bad={3}))
-    assert s["diverged"] and s["stopped_by"] == "divergence" and s["broken_at_step"] == 4 and "export" not in s
-    assert s["step"] == 4 and s["last_applied_step"] == 2 and s["nonfinite_steps"] == 1
+    assert s.diverged and s.stopped_by == "divergence" and s.broken_at_step == 4 and s.export is None
+    assert s.step == 4 and s.last_applied_step == 2 and s.nonfinite_steps == 1
     assert Checkpointer(tmp_path / "checkpoints", every=2).all_steps() == [2]
     assert _all_finite(tmp_path, good) and not (tmp_path / "export").exists()
     s = _run(small_config(train={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3}), tmp_path)
-    assert s["start_step"] == 2 and s["step"] == 6 and not s["diverged"]
+    assert s.start_step == 2 and s.step == 6 and not s.diverged
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path) if r.get("step", 0) > 4 and "loss" in r)
 
 
@@ -152,7 +153,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(two_checkpoint
     work = _copy(base, tmp_path / "run")
     damage(work / "checkpoints" / "4")
     s = _run(small_config(train={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3}), work)
-    assert s["start_step"] == 2 and s["step"] == 6
+    assert s.start_step == 2 and s.step == 6
     assert "checkpoint 4 in" in caplog.text and "does not restore" in caplog.text
     assert (work / "checkpoints.quarantine" / "4").is_dir()          # set aside, not deleted
     assert Checkpointer(work / "checkpoints", every=2).all_steps()[-1] == 6
@@ -174,7 +175,7 @@ def test_a_missing_data_state_is_an_error_unless_allowed(two_checkpoints, tmp_pa
     with pytest.raises(CheckpointError, match=r"checkpoints/4: no data-iterator state for process 0 of 1"):
         _run(small_config(train={"steps": 6, "checkpoint_every": 2}), work)
     s = _run(small_config(train={"steps": 6, "checkpoint_every": 2, "allow_data_restart": True}), work)
-    assert s["start_step"] == 4 and s["step"] == 6
+    assert s.start_step == 4 and s.step == 6
 
 
 def _break():
@@ -188,7 +189,7 @@ def test_an_exception_mid_run_leaves_complete_checkpoints_only(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["2", "4"], names                         # the async save of step 4 was finished
     s = _run(cfg, tmp_path)
-    assert s["start_step"] == 4 and s["step"] == 8
+    assert s.start_step == 4 and s.step == 8
 
 
 @contextlib.contextmanager
@@ -220,7 +221,7 @@ def test_a_full_checkpoint_directory_fails_fast_and_keeps_the_earlier_checkpoint
         assert time.time() - tic < 60                           # compile included; the save fails at once
         (ckpts / "ballast").unlink()
         s = _run(small_config(train={"steps": 2, "checkpoint_every": 2}), work)
-        assert s == {"start_step": 2, "step": 2, "preempted": False}   # checkpoint 2 restores
+        assert s == RunSummary(start_step=2, step=2)   # checkpoint 2 restores
 
 
 def test_a_read_only_checkpoint_directory_fails_fast(tmp_path):
@@ -308,12 +309,12 @@ def test_poison_records_are_counted_skips_in_the_metrics(tmp_path):
                                           "shuffle": False},
                        train={"steps": 4, "checkpoint_every": 4, "data_source": "pipeline"})
     s = train(cfg, tmp_path / "run")
-    assert s["step"] == 4 and s["stopped_by"] is None
+    assert s.step == 4 and s.stopped_by is None
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert all("records_seen" in r and "skipped/corrupt_image" in r for r in rows)
     last = rows[-1]
     assert last["skipped/corrupt_image"] == 2 and last["skipped/malformed_json"] == 1, last
-    assert s["data_stats"]["records_seen"] == last["records_seen"]
+    assert s.data_stats["records_seen"] == last["records_seen"]
 
 
 class _Closing(SyntheticBatches):

@@ -24,6 +24,7 @@ from t5gemma2_jax.train.checkpoint import Checkpointer
 from t5gemma2_jax.train.data import SyntheticBatches
 from t5gemma2_jax.train.optim import make_optimizer
 from t5gemma2_jax.train.state import abstract_state, init_state
+from t5gemma2_jax.train.summary import RunSummary
 
 
 def SigtermAt(*a, at: int, **kw):
@@ -56,13 +57,13 @@ def test_train_sigterm_resume_eval_export(tmp_path, tmp_path_factory):
     evals = lambda: SyntheticBatches(cfg.data, model, split="eval", eval_batches=2)  # noqa: E731
 
     s1 = train(cfg, tmp_path, batches=SigtermAt(cfg.data, model, at=3), eval_batches=evals)
-    assert s1["preempted"] and s1["step"] == 3 and "export" not in s1
+    assert s1.preempted and s1.step == 3 and s1.export is None
     assert Checkpointer(tmp_path / "checkpoints", every=2).latest_step() == 3
     assert len(glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))) == 1
 
     s2 = train(cfg, tmp_path, batches=SyntheticBatches(cfg.data, model), eval_batches=evals)
-    assert s2["start_step"] == 3 and s2["step"] == 6 and not s2["preempted"]
-    assert s2["data_stats"] == {"batches": 6}  # the data iterator resumed after batch 3
+    assert s2.start_step == 3 and s2.step == 6 and not s2.preempted
+    assert s2.data_stats == {"batches": 6}  # the data iterator resumed after batch 3
 
     rows = read_metrics(tmp_path)
     train_rows = [r for r in rows if "loss" in r]
@@ -84,8 +85,8 @@ def test_train_sigterm_resume_eval_export(tmp_path, tmp_path_factory):
     losses = lambda rows: {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if "loss" in r}  # noqa: E731
     assert losses(rows) == losses(read_metrics(ref_dir))
     shapes = {**ModelDef(model).shapes("trainable"), **ModelDef(model).shapes("frozen")}
-    ref_params = jax.device_get(load_export_arrays(ref["export"], shapes))
-    got_params = jax.device_get(load_export_arrays(s2["export"], shapes))
+    ref_params = jax.device_get(load_export_arrays(ref.export, shapes))
+    got_params = jax.device_get(load_export_arrays(s2.export, shapes))
     for n in shapes:
         np.testing.assert_array_equal(got_params[n], ref_params[n], err_msg=n)
 
@@ -95,7 +96,7 @@ def test_train_sigterm_resume_eval_export(tmp_path, tmp_path_factory):
     mesh, rules = make_mesh(cfg.mesh), sharding_rules(cfg.mesh)
     _, sh = abstract_state(model_def, tx, 0, mesh, rules)
     init = jax.device_get(init_state(model_def, tx, 0, mesh, rules, sh))
-    final = jax.device_get(load_export_arrays(s2["export"], {**model_def.shapes("trainable"),
+    final = jax.device_get(load_export_arrays(s2.export, {**model_def.shapes("trainable"),
                                                              **model_def.shapes("frozen")}))
     for n in model_def.frozen:
         np.testing.assert_array_equal(final[n], init["frozen"][n])
@@ -106,7 +107,7 @@ def test_train_sigterm_resume_eval_export(tmp_path, tmp_path_factory):
     from flax import nnx
     from t5gemma2_jax import save_hf
 
-    loaded = load_export(s2["export"])
+    loaded = load_export(s2.export)
     assert loaded.config == model
     table = nnx.state(loaded, nnx.Param)["embedder"]["table"].get_value()
     np.testing.assert_array_equal(np.asarray(table), final["embedder.table"])
@@ -117,7 +118,7 @@ def test_train_sigterm_resume_eval_export(tmp_path, tmp_path_factory):
     # fresh optimizer state at step 0.
     from t5gemma2_jax.train.state import load_pretrained, state_from_params
 
-    for source in (s2["export"], tmp_path / "hf"):
+    for source in (s2.export, tmp_path / "hf"):
         params, frozen = load_pretrained(str(source), model_def, sh)
         for n, v in {**params, **frozen}.items():
             np.testing.assert_array_equal(np.asarray(v), final[n], err_msg=f"{source}: {n}")
@@ -127,4 +128,4 @@ def test_train_sigterm_resume_eval_export(tmp_path, tmp_path_factory):
 
     # Rerunning a finished work directory returns at once.
     again = train(cfg, tmp_path, batches=SyntheticBatches(cfg.data, model), eval_batches=evals)
-    assert again == {"start_step": 6, "step": 6, "preempted": False}
+    assert again == RunSummary(start_step=6, step=6) and again.wall_time_s is None and not again.preempted

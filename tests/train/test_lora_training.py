@@ -19,6 +19,7 @@ from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.train import Trainer, read_metrics, train
 from t5gemma2_jax.train.checkpoint import Checkpointer, state_bytes
 from t5gemma2_jax.train.data import SyntheticBatches
+from t5gemma2_jax.train.summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,7 @@ def _disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _full_run(workdir: Path, seed: int = 0, steps: int = 2) -> dict:
+def _full_run(workdir: Path, seed: int = 0, steps: int = 2) -> RunSummary:
     cfg = small_config(train={"steps": steps, "checkpoint_every": steps, "export_at_end": True, "seed": seed})
     return train(cfg, workdir, batches=SyntheticBatches(cfg.data, cfg.model_config()))
 
@@ -64,7 +65,7 @@ def test_lora_checkpoints_hold_the_adapters_and_refuse_another_base(tmp_path):
                                                  "init_from": str(tmp_path / "full")})
     model = cfg.model_config()
     s1 = train(cfg, tmp_path / "lora", batches=SyntheticBatches(cfg.data, model))
-    assert s1["step"] == 2 and Path(s1["adapter"], "adapter_config.json").is_file() and "export" not in s1
+    assert s1.step == 2 and Path(s1.adapter, "adapter_config.json").is_file() and s1.export is None
 
     # The checkpoint holds the adapters and their moments, not the frozen base: 9% of a full
     # state's bytes at rank 4 on this 64-wide model (Orbax adds about 0.8 MB on disk to either).
@@ -78,19 +79,19 @@ def test_lora_checkpoints_hold_the_adapters_and_refuse_another_base(tmp_path):
 
     # ... resumes on the same base given as its export (the same arrays, bit for bit) ...
     cont = small_config(lora={"rank": 4}, train={"steps": 4, "checkpoint_every": 2, "export_at_end": True,
-                                                  "init_from": full["export"]})
+                                                  "init_from": full.export})
     s2 = train(cont, tmp_path / "lora", batches=SyntheticBatches(cfg.data, model))
-    assert s2["start_step"] == 2 and s2["step"] == 4
+    assert s2.start_step == 2 and s2.step == 4
     # ... and refuses another one, naming it.
-    wrong = small_config(lora={"rank": 4}, train={"steps": 6, "checkpoint_every": 2, "init_from": other["export"]})
+    wrong = small_config(lora={"rank": 4}, train={"steps": 6, "checkpoint_every": 2, "init_from": other.export})
     with pytest.raises(CheckpointError, match=r"checkpoints/4: its adapters were trained on another base than "
                                               r".*other/export"):
         train(wrong, tmp_path / "lora", batches=SyntheticBatches(cfg.data, model))
     assert Checkpointer(tmp_path / "lora" / "checkpoints", every=2).latest_step() == 4   # nothing quarantined
 
     # The adapter directory the run wrote is what its last checkpoint holds.
-    base = tg.load_export(full["export"])
-    adapted = tg.load_peft(base, s2["adapter"])
+    base = tg.load_export(full.export)
+    adapted = tg.load_peft(base, s2.adapter)
     trainer = Trainer.build(cont)
     restored = Checkpointer(tmp_path / "lora" / "checkpoints", every=2).restore(
         4, trainer.checkpointed(trainer.abstract_state))
@@ -109,7 +110,7 @@ def test_init_from_a_training_checkpoint_equals_its_export(tmp_path):
     full = _full_run(tmp_path / "full")
     trainer = Trainer.build(small_config())
     a = jax.device_get(trainer.state_from_pretrained(str(tmp_path / "full" / "checkpoints" / "2")))
-    b = jax.device_get(trainer.state_from_pretrained(full["export"]))
+    b = jax.device_get(trainer.state_from_pretrained(full.export))
     for n in a["params"]:
         np.testing.assert_array_equal(a["params"][n], b["params"][n], err_msg=n)
     assert int(a["step"]) == 0
@@ -132,7 +133,7 @@ def test_a_lora_sft_run_on_the_chat_data_lowers_the_loss(tmp_path, quantize):
         f"lora.quantize_base={quantize}"])
     summary = train(cfg, tmp_path)
     losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
-    assert len(losses) == 40 and summary["stopped_by"] is None
+    assert len(losses) == 40 and summary.stopped_by is None
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
 
 

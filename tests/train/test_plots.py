@@ -172,6 +172,6 @@ def test_training_draws_loss_png_and_a_failed_picture_does_not_stop_it(tmp_path,
     evals = lambda: SyntheticBatches(cfg.data, model, split="eval", eval_batches=1)  # noqa: E731
     with caplog.at_level(logging.WARNING, logger=plots.__name__):
         summary = train(cfg, tmp_path, batches=SyntheticBatches(cfg.data, model), eval_batches=evals)
-    assert summary["step"] == 1 and len(calls) == 2          # the evaluation at step 1, then the end
+    assert summary.step == 1 and len(calls) == 2          # the evaluation at step 1, then the end
     assert "RuntimeError: the backend fell over" in caplog.text
     assert _png_size(tmp_path / "loss.png") == (700, 500)
