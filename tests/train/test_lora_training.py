@@ -4,6 +4,7 @@ and a LoRA (and QLoRA) SFT run on the demo chat data lowers the loss."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -68,14 +69,18 @@ def test_lora_checkpoints_hold_the_adapters_and_refuse_another_base(tmp_path):
     assert s1.step == 2 and Path(s1.adapter, "adapter_config.json").is_file() and s1.export is None
 
     # The checkpoint holds the adapters and their moments, not the frozen base: 9% of a full
-    # state's bytes at rank 4 on this 64-wide model (Orbax adds about 0.8 MB on disk to either).
+    # state's bytes at rank 4 on this 64-wide model. On disk every stored parameter is an adapter;
+    # the directory's size only orders the two, since Orbax's OCDBT index and manifest add 0.8 to
+    # 1.8 MB to either (more data files when the writes batch differently, as under load).
     lora_trainer, full_trainer = Trainer.build(cfg), Trainer.build(small_config())
     ratio = (state_bytes(lora_trainer.checkpointed(lora_trainer.abstract_state))
              / state_bytes(full_trainer.checkpointed(full_trainer.abstract_state)))
     assert ratio < 0.1, ratio
     ckpt = tmp_path / "lora" / "checkpoints" / "2"
+    stored = [k for k in json.loads((ckpt / "state" / "_METADATA").read_text())["tree_metadata"] if "." in k]
+    assert stored and all("_lora." in k for k in stored), [k for k in stored if "_lora." not in k][:5]
     lora_disk, full_disk = _disk_bytes(ckpt / "state"), _disk_bytes(run_checkpoint(tmp_path / "full") / "state")
-    assert lora_disk < 0.5 * full_disk, (lora_disk, full_disk)
+    assert lora_disk < full_disk, (lora_disk, full_disk)
 
     # ... resumes on the same base given as its export (the same arrays, bit for bit) ...
     cont = small_config(lora={"rank": 4}, train={"steps": 4, "checkpoint_every": 2, "export_at_end": True,
