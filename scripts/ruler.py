@@ -12,6 +12,9 @@ into one table of accuracy per task and length, and write them as lm-eval tasks.
     python scripts/ruler.py score --predictions ruler/predictions.jsonl --markdown ruler/table.md
     # lm-eval generate_until tasks over the files: --include_path ruler/lm_eval --tasks ruler_4096
     python scripts/ruler.py lm-eval-tasks --data ruler/ --out ruler/lm_eval
+    # training conversations too (data.kind=sft), in the chat template the lengths count
+    python scripts/ruler.py generate --tokenizer tokenizer.model --lengths 1K --tasks niah_single --samples 4000 \
+        --seed 1 --chat --sft --out needles/
 
 Tasks: niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, qa (see
 t5gemma2_jax/evaluation/ruler.py). --checkpoint takes what evaluate.py takes.
@@ -87,6 +90,8 @@ def run(argv=None):
     g.add_argument("--mode", help="count the prompt after this UL2 mode token, e.g. [S2S]")
     g.add_argument("--out", required=True)
     g.add_argument("--lm-eval", metavar="DIR", help="also write lm-eval task YAMLs there")
+    g.add_argument("--sft", action="store_true",
+                   help="also write each file as training conversations, {task}_{length}.sft.jsonl (needs --chat)")
     s = sub.add_parser("score", help="a checkpoint's table over generated files, or a predictions file's")
     s.add_argument("--checkpoint", help="what evaluate.py takes; without it --predictions is read and tabulated")
     s.add_argument("--data", action="append", default=[], help="a generated file or a directory of them (repeatable)")
@@ -112,6 +117,9 @@ def run(argv=None):
 
         from t5gemma2_jax.data import DataConfig, load_tokenizer
 
+        if a.sft and not a.chat:
+            raise ConfigError("--sft: the conversations are laid out in the chat template; add --chat so that "
+                              "--lengths counts the encoder input they become")
         tasks = ruler.TASK_NAMES if a.tasks is None else tuple(t.strip() for t in a.tasks.split(",") if t.strip())
         lengths = _ints(a.lengths)
         tok = load_tokenizer(DataConfig(tokenizer=a.tokenizer))
@@ -120,6 +128,8 @@ def run(argv=None):
                                       haystack=a.haystack, chat=a.chat, mode=a.mode, progress=bar.update)
         if a.lm_eval:
             ruler.write_lm_eval_tasks(paths, a.lm_eval)
+        if a.sft:
+            paths += ruler.write_sft(paths)
         for path in paths:
             print(path)
         return [str(x) for x in paths]

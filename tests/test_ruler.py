@@ -148,6 +148,25 @@ def test_a_length_too_short_for_the_task_is_named(tiny, tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --tasks: unknown ['niah']")
 
 
+def test_generate_writes_training_conversations_beside_the_records(tiny, tmp_path, capsys):
+    script = load_script("ruler")
+    args = ["generate", "--tokenizer", tiny_tokenizer_path(), "--lengths", "512", "--tasks", "niah_single,vt",
+            "--samples", "2", "--out", str(tmp_path)]
+    assert script.main([*args, "--sft"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --sft: the conversations are laid out")
+    assert script.main([*args, "--sft", "--chat"]) == 0
+    for task in ("niah_single", "vt"):
+        records = ruler.read_records(tmp_path / f"{task}_512.jsonl")
+        turns = [json.loads(line) for line in (tmp_path / f"{task}_512.sft.jsonl").read_text().splitlines()]
+        assert [t["messages"] for t in turns] == [
+            [{"role": "user", "content": r["input"]}, {"role": "model", "content": ", ".join(r["answers"])}]
+            for r in records]
+        # The conversation's encoder input is the record's laid-out prompt, whose length it states.
+        assert all(len(encode_prompt(tiny, r["input"], chat=True)) == r["tokens"] <= 512 for r in records)
+    # Scoring a directory reads the generated records only, not the conversations beside them.
+    assert sorted(p.name for p in script._files([str(tmp_path)])) == ["niah_single_512.jsonl", "vt_512.jsonl"]
+
+
 def test_string_match_is_rulers_definition():
     answers = ["1234567", "7654321", "ABCDE"]
     assert ruler.string_match_all("the numbers are 1234567 and abcde", answers) == pytest.approx(2 / 3)

@@ -562,6 +562,27 @@ def write_tasks(out_dir: str | os.PathLike, tok: Tokenizer, *, tasks: Sequence[s
     return paths
 
 
+def sft_record(record: dict) -> dict:
+    """A generated record as a training conversation (`data.kind=sft`): its input as the user's
+    turn, its answers (joined by ", ") as the model's. Generated with `chat=True`, the record's
+    length is that of the encoder input the conversation becomes."""
+    return {"messages": [{"role": "user", "content": record["input"]},
+                         {"role": "model", "content": ", ".join(record["answers"])}]}
+
+
+def write_sft(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Beside each generated file, `{task}_{length}.sft.jsonl`: its records as conversations to
+    train on (scoring reads only the generated files, so these never count as evaluation data)."""
+    out = []
+    for path in map(Path, paths):
+        target = path.with_name(path.stem + ".sft.jsonl")
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text("".join(json.dumps(sft_record(r)) + "\n" for r in read_records(path)))
+        os.replace(tmp, target)
+        out.append(target)
+    return out
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
     """The records of one generated file; ConfigError naming the file and line of one that is not."""
     out = []
