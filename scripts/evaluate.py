@@ -48,6 +48,7 @@ def run(argv=None) -> dict:
     p.add_argument("--generate", action="store_true", help="also generation metrics")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the training run used)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--attention-backend", help="replace the attention backend the checkpoint was trained with (auto, dense, blockwise, splash, cudnn)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--encoder-length", type=int)
     p.add_argument("--decoder-length", type=int)
@@ -78,7 +79,7 @@ def run(argv=None) -> dict:
                           **({"metrics": tuple(m.strip() for m in a.metrics.split(",") if m.strip())}
                              if a.metrics is not None else {}))
     results = evaluate(a.checkpoint, a.data, tokenizer=a.tokenizer, dtype=a.dtype, options=options, out=a.out,
-                       predictions=a.predictions)
+                       predictions=a.predictions, attention_backend=a.attention_backend)
     shown = {k: v for k, v in results.items() if k not in ("config", "skipped_places")}
     print(json.dumps(shown, indent=1, default=str))
     return results

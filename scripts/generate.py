@@ -40,7 +40,8 @@ def _load_model(a, with_images: bool):
     if a.hf and src.kind != "hf":
         from t5gemma2_jax.configlib import ConfigError
         raise ConfigError(f"--hf {a.hf}: not a Hugging Face directory (config.json); use --checkpoint")
-    model = tg.load(src, dtype=a.dtype, text_only=not with_images, adapter=a.adapter, quantize_base=a.quantize_base)
+    model = tg.load(src, dtype=a.dtype, text_only=not with_images, adapter=a.adapter, quantize_base=a.quantize_base,
+                    attention_backend=a.attention_backend)
     return model, src
 
 
@@ -79,6 +80,7 @@ def generate_text(argv=None) -> str:
     p.add_argument("--allow-special", action="store_true", help="let completions contain UL2 sentinels, mode "
                    "and image tokens, pad and bos (suppressed by default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--attention-backend", help="replace the attention backend the checkpoint was trained with (auto, dense, blockwise, splash, cudnn)")
     a = p.parse_args(argv)
 
     import t5gemma2_jax as tg

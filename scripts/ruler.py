@@ -97,6 +97,7 @@ def run(argv=None):
     s.add_argument("--data", action="append", default=[], help="a generated file or a directory of them (repeatable)")
     s.add_argument("--tokenizer", help="SentencePiece model (default: the one the checkpoint records)")
     s.add_argument("--dtype", choices=("float32", "bfloat16"))
+    s.add_argument("--attention-backend", help="replace the attention backend the checkpoint was trained with (auto, dense, blockwise, splash, cudnn)")
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--max-samples", type=int, help="at most this many records of each file")
     s.add_argument("--max-new-tokens", type=int, help="default: each record's own budget")
@@ -159,7 +160,7 @@ def run(argv=None):
         import t5gemma2_jax as tg
 
         src = tg.find_source(a.checkpoint)
-        model = tg.load(src, dtype=a.dtype, text_only=True)
+        model = tg.load(src, dtype=a.dtype, text_only=True, attention_backend=a.attention_backend)
         tok = tg.load_tokenizer_for(src, model.config, a.tokenizer)
         with tqdm(desc="score", unit=" records", disable=a.no_progress) as bar:
             t, rows = ruler_score.score_files(model, tok, files, batch_size=a.batch_size,

@@ -42,21 +42,26 @@ def run_config(src: Source) -> ExperimentConfig | None:
 
 def load(path: str | os.PathLike | Source, *, dtype: str | None = None, text_only: bool = False,
          adapter: str | os.PathLike | None = None, quantize_base: str | None = None, mesh=None,
-         rules=None) -> T5Gemma2:
+         rules=None, attention_backend: str | None = None) -> T5Gemma2:
     """The `T5Gemma2` that `path` holds (see the module docstring), computing in `dtype` (default:
     as stored). `adapter`: a PEFT LoRA directory applied unmerged on top, with the base stored
     `quantize_base` ("int8", "nf4"; a LoRA run: as it trained). `text_only` skips the vision tower
-    of a Hugging Face checkpoint. With a `mesh` parameters are sharded by the logical-axis `rules`."""
+    of a Hugging Face checkpoint. With a `mesh` parameters are sharded by the logical-axis `rules`.
+    `attention_backend` replaces the one the run trained with (default: as stored), e.g. `auto`
+    for a model trained with `dense` on short inputs and scored on long ones."""
     from t5gemma2_jax.adapters import load_peft, quantize_base as quantize
 
     src = path if isinstance(path, Source) else find_source(path)
     overrides = {} if dtype is None else {"dtype": str(dtype)}
+    if attention_backend is not None:
+        overrides["attention_backend"] = str(attention_backend)
     if src.holds_adapters:
         return _load_lora_run(src, overrides, adapter, quantize_base, mesh, rules)
     if src.kind == "hf":
         import jax.numpy as jnp
 
-        model = load_hf(src.path, dtype=jnp.dtype(dtype or "float32"), text_only=text_only)
+        runtime = {k: v for k, v in overrides.items() if k != "dtype"}
+        model = load_hf(src.path, dtype=jnp.dtype(dtype or "float32"), text_only=text_only, **runtime)
     else:
         cfg = src.model_config()
         cfg = cfg.replace(**overrides) if overrides else cfg
@@ -75,7 +80,8 @@ def _load_lora_run(src: Source, overrides: dict, adapter, quantize_base, mesh, r
     from t5gemma2_jax.modeldef import ModelDef
 
     run = run_config(src)
-    base = load(src.base_path(), dtype=overrides.get("dtype"), mesh=mesh, rules=rules)
+    base = load(src.base_path(), dtype=overrides.get("dtype"), mesh=mesh, rules=rules,
+                attention_backend=overrides.get("attention_backend"))
     lora = run.lora if quantize_base is None else dataclasses.replace(run.lora, quantize_base=quantize_base)
     if src.kind == "adapter" or adapter:
         from t5gemma2_jax.adapters import quantize_base as quantize

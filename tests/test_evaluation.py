@@ -198,3 +198,25 @@ def test_sft_exact_match_rises_above_its_start(tmp_path):
     assert rows[-1]["eval_rouge_l"] > rows[0]["eval_rouge_l"]
     assert len(rows[-1]["eval_samples"]) == 3 and {"reference", "prediction"} <= set(rows[-1]["eval_samples"][0])
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "eval_loss" in r] == [0, 120]
+
+
+def test_a_checkpoint_loads_and_scores_with_another_attention_backend(sft_run, tmp_path, capsys):
+    """A run trained with one backend is scored with another: same logits, the other program; a name
+    no backend has is one line, exit 2, from each script that takes it."""
+    workdir, eval_file = sft_run
+    ids = np.array([[2, 10, 11, 12]])
+    trained = tg.load(workdir)
+    other = tg.load(workdir, attention_backend="blockwise")
+    assert trained.config.attention_backend == "auto" and other.config.attention_backend == "blockwise"
+    np.testing.assert_allclose(np.asarray(other(ids, ids).logits), np.asarray(trained(ids, ids).logits), atol=1e-5)
+    out = tmp_path / "results.json"
+    assert load_script("evaluate").main(["--checkpoint", str(workdir), "--data", eval_file, "--max-batches", "1",
+                                         "--attention-backend", "dense", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["config"]["model"]["attention_backend"] == "dense"
+    capsys.readouterr()
+    for script, command, args in (("evaluate", [], ["--data", eval_file]), ("ruler", ["score"], ["--data", eval_file]),
+                                  ("generate", [], ["--prompt", "hi"])):
+        argv = [*command, "--checkpoint", str(workdir), *args, "--attention-backend", "fast"]
+        assert load_script(script).main(argv) == 2, script
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "attention_backend" in err, (script, err)

@@ -81,7 +81,8 @@ class T5Gemma2LM(TemplateLM):
     def __init__(self, pretrained: str, dtype: str | None = None, batch_size: int | str = 16,
                  max_length: int | None = None, max_gen_toks: int = 256, tokenizer: str | None = None,
                  add_bos_token: bool = True, mode: str | None = None, mesh: str | int | Mesh = "auto",
-                 rules: Rules | None = None, seed: int = 0, adapter: str | None = None, **harness: Any):
+                 rules: Rules | None = None, seed: int = 0, adapter: str | None = None,
+                 attention_backend: str | None = None, **harness: Any):
         super().__init__()
         unknown = sorted(set(harness) - set(HARNESS_ARGS))
         if unknown:
@@ -92,7 +93,8 @@ class T5Gemma2LM(TemplateLM):
         src = find_source(pretrained, what="pretrained")
         self.mesh, self.rules = _mesh(mesh, rules)
         self.model = load(src, dtype=None if dtype in (None, "auto") else str(dtype), text_only=True,
-                          adapter=adapter, mesh=self.mesh, rules=self.rules)
+                          adapter=adapter, mesh=self.mesh, rules=self.rules,
+                          attention_backend=attention_backend or None)
         self.tok = load_tokenizer_for(src, self.model.config, tokenizer)
         cfg, s = self.model.config, self.tok.special
         self.add_bos_token = _flag(add_bos_token, "add_bos_token")

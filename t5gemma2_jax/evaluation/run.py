@@ -59,11 +59,11 @@ class EvalOptions:
 
 def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None = None, dtype: str | None = None,
              options: EvalOptions = EvalOptions(), out: str | os.PathLike | None = None,
-             predictions: str | os.PathLike | None = None) -> dict:
+             predictions: str | os.PathLike | None = None, attention_backend: str | None = None) -> dict:
     """The results (see the module docstring); written to `out` and `predictions` when given."""
     check_data_files(DataConfig(eval=data))
     src = find_source(checkpoint)
-    model = load(src, dtype=dtype)
+    model = load(src, dtype=dtype, attention_backend=attention_backend)
     tok = load_tokenizer_for(src, model.config, tokenizer)
     run = run_config(src)
     kind = record_kind(data)
@@ -117,7 +117,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str, *, tokenizer: str | None 
         results["generation_skipped" if kind != "choice" else "skipped"] = skipped.counts
         results["skipped_places"] = skipped.places
     results["config"] = {"data": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ul2_denoisers"},
-                         "options": dataclasses.asdict(options), "tokenizer": str(tok.path)}
+                         "options": dataclasses.asdict(options), "tokenizer": str(tok.path),
+                         "model": {k: getattr(model.config, k) for k in ("dtype", "attention_backend")}}
     if predictions is not None and rows:
         _write_lines(storage.as_path(predictions), rows)
         results["predictions"] = str(predictions)
