@@ -230,9 +230,12 @@ def test_an_export_scores_as_its_hugging_face_directory(checkpoint, one_device, 
     from t5gemma2_jax.checkpoints.export import flat_params
 
     model = tg.load(checkpoint, text_only=True)
+    assert tg.load(checkpoint, text_only=True, attention_backend="dense").config.attention_backend == "dense"
     tg.save_export(tmp_path / "export", model.config, flat_params(model))
+    # Scored with another attention backend than the one it was saved with: the same numbers.
     export = tg_lm_eval.T5Gemma2LM(pretrained=str(tmp_path / "export"), batch_size=4, max_length=MAX_LENGTH,
-                                   mesh=1)
+                                   mesh=1, attention_backend="blockwise")
+    assert model.config.attention_backend == "auto" and export.model.config.attention_backend == "blockwise"
     pairs = _instances("loglikelihood", [(q, " a red circle") for q in QUESTIONS])
     np.testing.assert_allclose([x for x, _ in export.loglikelihood(pairs)],
                                [x for x, _ in one_device.loglikelihood(pairs)], atol=1e-5)
