@@ -2,8 +2,9 @@
 
 Errors that describe bad input (a config, a machine that does not fit it, a checkpoint or data
 file that is missing or malformed, a checkpoint directory that cannot be written) are printed as
-`error: ...` on one line, without a traceback; anything else is a bug and keeps its traceback
-(its frames cleared of their locals, see `run`).
+`error: ...` on one line, without a traceback, and so is an allocation the device could not make
+(what to shrink is the user's choice); anything else is a bug and keeps its traceback (its frames
+cleared of their locals, see `run`).
 
 Logging on several hosts (`configure_logging`, `start_processes`): every line names its process
 (`[p1]`), process 0 logs from INFO up, the others only warnings and errors, so a pod's logs read
@@ -41,6 +42,11 @@ def one_line(error: BaseException) -> str:
     return " ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """An allocation XLA could not make (a machine too small for the shapes asked of it)."""
+    return isinstance(error, RuntimeError) and str(error).lstrip().startswith("RESOURCE_EXHAUSTED")
+
+
 def run(main: Callable[[], object]) -> int:
     """`main()`'s exit status (an int; whatever else it returns counts as success), or 2 after
     printing a user error on one line."""
@@ -54,6 +60,11 @@ def run(main: Callable[[], object]) -> int:
             os._exit(USAGE)
         return USAGE
     except BaseException as e:
+        if out_of_memory(e):
+            print(f"error: the device ran out of memory ({one_line(e)[:200]}); lower the batch size or the "
+                  "input length, or use attention_backend=auto (dense holds every [queries, keys] score "
+                  "matrix)", file=sys.stderr)
+            return USAGE
         # A traceback that reaches the interpreter keeps every frame's locals alive until exit: the
         # batches a data worker handed over in shared memory, the train state. Grain's and
         # multiprocessing's exit handlers then report them as leaks after the error. Free them now;

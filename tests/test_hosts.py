@@ -172,3 +172,21 @@ def test_a_background_threads_connection_failure_is_one_line_and_other_traceback
     text = out.getvalue()
     assert text.startswith("save raised: Cannot connect to host 127.0.0.1:1\nsave raised: a bug\nTraceback"), text
     assert text.count("Traceback") == 3 and "ValueError: a bug" in text, text   # the bug's, and the main thread's chain
+
+
+def test_an_allocation_the_device_cannot_make_is_one_line_and_other_runtime_errors_keep_their_traceback(capsys):
+    import jax
+    import jax.numpy as jnp
+
+    from t5gemma2_jax import cli
+
+    # A real allocation of 1 TiB on this machine's CPU device, as a too-large batch would ask for.
+    assert cli.run(lambda: jnp.ones((2**38,), jnp.float32).block_until_ready()) == cli.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: the device ran out of memory (RESOURCE_EXHAUSTED: ") and err.count("\n") == 1, err
+    assert "lower the batch size" in err
+
+    def internal():
+        raise jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        cli.run(internal)
