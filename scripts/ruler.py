@@ -29,7 +29,6 @@ if __name__ == "__main__":
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -51,20 +50,21 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _files(data: list[str]) -> list[Path]:
-    """Every generated file named, a directory standing for the `{task}_{length}.jsonl` files in it
-    (so that a predictions file written beside them is left out)."""
+def _files(data: list[str]) -> list:
+    """Every generated file named (a local path or a gs:// URL), a directory standing for the
+    `{task}_{length}.jsonl` files in it (so that a predictions file written beside them is left out)."""
     import re
 
+    from t5gemma2_jax import storage
     from t5gemma2_jax.configlib import ConfigError
     from t5gemma2_jax.evaluation.ruler import TASK_NAMES
 
     generated = re.compile(rf"^({'|'.join(TASK_NAMES)})_\d+\.jsonl$")
-    out: list[Path] = []
+    out: list = []
     for d in data:
-        p = Path(d)
+        p = storage.as_path(d)
         if p.is_dir():
-            found = sorted(f for f in p.glob("*.jsonl") if generated.match(f.name))
+            found = sorted((f for f in p.glob("*.jsonl") if generated.match(f.name)), key=str)
             if not found:
                 raise ConfigError(f"--data: no generated task file ({{task}}_{{length}}.jsonl) in {p}")
             out += found

@@ -149,7 +149,11 @@ def write_bytes(path: PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def write_text(path: PathLike, text: str) -> None:
+def write_text(path: PathLike, text: str, *, parents: bool = False) -> None:
+    """`text` as the whole of `path` (see `write_bytes`); `parents`: a local path's missing folders
+    are made first (a store has none to make)."""
+    if parents and not is_url(path):
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, text.encode("utf-8"))
 
 

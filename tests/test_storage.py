@@ -170,3 +170,30 @@ def test_orbax_checkpoints_in_a_bucket_skip_uncommitted_and_set_damaged_steps_as
     assert ck.all_steps() == [2, 4] and ck.restore_latest(abstract).step == 4
     assert storage.as_path(f"{bucket}/run/checkpoints.quarantine/4/{SET_ASIDE_FILE}").exists()
     ck.close()
+
+
+def test_ruler_files_in_a_bucket_are_written_listed_read_and_tabulated_as_local_ones(bucket, tmp_path):
+    """scripts/ruler.py with --out, --data, --predictions and --markdown in a bucket: the same files
+    as on a disk."""
+    from scripts_loader import load_script
+    from t5gemma2_jax.data.tiny_tokenizer import tiny_tokenizer_path
+    from t5gemma2_jax.evaluation import ruler, ruler_score
+
+    script = load_script("ruler")
+    args = ["generate", "--tokenizer", tiny_tokenizer_path(), "--lengths", "300", "--tasks", "niah_single,qa",
+            "--samples", "3", "--chat", "--sft"]
+    script.run([*args, "--out", str(tmp_path)])
+    script.run([*args, "--out", f"{bucket}/ruler"])
+    names = ["niah_single_300.jsonl", "niah_single_300.sft.jsonl", "qa_300.jsonl", "qa_300.sft.jsonl"]
+    for name in names:
+        assert storage.read_text(f"{bucket}/ruler/{name}") == (tmp_path / name).read_text(), name
+    # A directory stands for its generated files (the conversations beside them are left out).
+    assert [str(p) for p in script._files([f"{bucket}/ruler"])] == [f"{bucket}/ruler/niah_single_300.jsonl",
+                                                                   f"{bucket}/ruler/qa_300.jsonl"]
+    records = ruler.read_records(f"{bucket}/ruler/qa_300.jsonl")
+    rows = [{**r, "prediction": r["answers"][0] if i else "no idea"} for i, r in enumerate(records)]
+    ruler_score.write_results(ruler_score.table(ruler_score.rescore(rows)), rows,
+                              out=f"{bucket}/out/table.json", predictions=f"{bucket}/out/predictions.jsonl")
+    assert json.loads(storage.read_text(f"{bucket}/out/table.json"))["tasks"]["qa"]["300"] == 66.67
+    script.run(["score", "--predictions", f"{bucket}/out/predictions.jsonl", "--markdown", f"{bucket}/out/t.md"])
+    assert "| qa | 66.7 |" in storage.read_text(f"{bucket}/out/t.md")

@@ -46,6 +46,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.prompts import encode_prompt
 from t5gemma2_jax.data.tokenizer import Tokenizer
@@ -532,14 +533,19 @@ def make_records(task: str, tok: Tokenizer, length: int, num_samples: int, **kw)
     return [make_record(task, tok, length, i, num_samples=num_samples, **kw) for i in range(num_samples)]
 
 
-def task_file(out_dir: str | os.PathLike, task: str, length: int) -> Path:
-    return Path(out_dir) / f"{task}_{length}.jsonl"
+def task_file(out_dir: str | os.PathLike, task: str, length: int) -> storage.AnyPath:
+    return storage.as_path(out_dir) / f"{task}_{length}.jsonl"
+
+
+def _write_jsonl(path: storage.AnyPath, rows: Iterable[dict]) -> None:
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows), parents=True)
 
 
 def write_tasks(out_dir: str | os.PathLike, tok: Tokenizer, *, tasks: Sequence[str] = TASK_NAMES,
                 lengths: Sequence[int], num_samples: int, progress: Callable[[int], None] | None = None,
-                **kw) -> list[Path]:
-    """One JSONL file per task and length, `OUT_DIR/{task}_{length}.jsonl`; their paths."""
+                **kw) -> list[storage.AnyPath]:
+    """One JSONL file per task and length, `OUT_DIR/{task}_{length}.jsonl` (a folder or a gs://
+    prefix); their paths."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"--tasks: unknown {unknown}; expected some of {list(TASKS)}")
@@ -554,10 +560,7 @@ def write_tasks(out_dir: str | os.PathLike, tok: Tokenizer, *, tasks: Sequence[s
                 if progress:
                     progress(1)
             path = task_file(out_dir, task, length)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            os.replace(tmp, path)
+            _write_jsonl(path, records)
             paths.append(path)
     return paths
 
@@ -570,15 +573,13 @@ def sft_record(record: dict) -> dict:
                          {"role": "model", "content": ", ".join(record["answers"])}]}
 
 
-def write_sft(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def write_sft(paths: Sequence[str | os.PathLike]) -> list[storage.AnyPath]:
     """Beside each generated file, `{task}_{length}.sft.jsonl`: its records as conversations to
     train on (scoring reads only the generated files, so these never count as evaluation data)."""
     out = []
-    for path in map(Path, paths):
+    for path in map(storage.as_path, paths):
         target = path.with_name(path.stem + ".sft.jsonl")
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text("".join(json.dumps(sft_record(r)) + "\n" for r in read_records(path)))
-        os.replace(tmp, target)
+        _write_jsonl(target, map(sft_record, read_records(path)))
         out.append(target)
     return out
 
@@ -587,7 +588,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     """The records of one generated file; ConfigError naming the file and line of one that is not."""
     out = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = storage.read_text(path).splitlines()
     except OSError as e:
         raise ConfigError(f"--data: cannot read {path}: {e.strerror or e}") from None
     for n, line in enumerate(lines, 1):
@@ -648,7 +649,8 @@ def write_lm_eval_tasks(paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
             "task": lm_eval_task_name(task, length),
             "tag": ["ruler", f"ruler_{length}", f"ruler_{task}"],
             "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(Path(p).resolve())}},
+            # lm-eval's json dataset reads a gs:// file through fsspec as it reads a local one.
+            "dataset_kwargs": {"data_files": {"test": str(p) if storage.is_url(p) else str(Path(p).resolve())}},
             "test_split": "test",
             "output_type": "generate_until",
             "doc_to_text": "{{input}}",

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Callable, Sequence
 
+from t5gemma2_jax import storage
 from t5gemma2_jax.configlib import ConfigError
 from t5gemma2_jax.data.prompts import encode_prompt
 from t5gemma2_jax.data.tokenizer import Tokenizer
@@ -125,16 +125,12 @@ def write_results(t: dict, rows: Sequence[dict] | None, *, out: str | os.PathLik
                        (predictions, None if rows is None else "".join(json.dumps(r) + "\n" for r in rows))):
         if path is None or text is None:
             continue
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        storage.write_text(path, text, parents=True)
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = storage.read_text(path).splitlines()
     except OSError as e:
         raise ConfigError(f"--predictions: cannot read {path}: {e.strerror or e}") from None
     rows = []

@@ -151,15 +151,8 @@ def _finite(x):
 
 
 def _write_json(path: AnyPath, obj: dict) -> None:
-    _write_atomically(path, json.dumps(_finite(obj), indent=1) + "\n")
+    storage.write_text(path, json.dumps(_finite(obj), indent=1) + "\n", parents=True)
 
 
 def _write_lines(path: AnyPath, rows: list[dict]) -> None:
-    _write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _write_atomically(path: AnyPath, text: str) -> None:
-    """A reader sees the old file or the whole new one, never a part."""
-    if storage.is_local(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_text(path, text)
+    storage.write_text(path, "".join(json.dumps(row) + "\n" for row in rows), parents=True)
