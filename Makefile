@@ -11,7 +11,7 @@ LOGDIR ?= workdirs
 # The tested versions of every dependency (see the file's header).
 PIN    := -c constraints.txt
 
-.PHONY: install demo test test-slow test-all test-jax-next tensorboard clean
+.PHONY: install demo test test-slow test-heavy test-all test-jax-next tensorboard clean
 
 $(BASE): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,7 +48,12 @@ test: $(STAMP)
 
 # The end-to-end tier: notebook, kill -9 resume, multi-mesh and multi-process training, ablation runs.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(XDIST) tests
+	$(PY) -m pytest -q -m "slow and not heavy" $(XDIST) tests
+
+# The slow tests of minutes each, outside CI: the 270M fine-tune, the demo's accuracy, a 32K-token
+# generation, the notebook's fresh-venv install, SIGTERM across two processes, variants of CI's runs.
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -m heavy $(XDIST) tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) tests

@@ -138,6 +138,7 @@ def test_backend_model_generates_like_dense(backend, block, monkeypatch):
     np.testing.assert_allclose(np.asarray(scores), np.asarray(want_scores), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_backend_registered_by_name_runs_every_layer():
     """Adding a backend is one function and one registration; configs then accept its name."""
     from t5gemma2_jax.ops import backends

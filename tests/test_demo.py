@@ -5,13 +5,13 @@ training again."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from xla_env import user_env
 from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +39,10 @@ def test_the_demo_interleaves_ul2_and_question_batches_of_one_shape():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_default_demo_answers_held_out_questions_well_above_chance(tmp_path):
     """The run `make demo` makes (one CPU device, as there): about two minutes on 2 cores."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = user_env()
     env["PYTHONPATH"] = str(ROOT)
 
     def run() -> dict:

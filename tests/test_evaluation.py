@@ -50,6 +50,8 @@ def test_chrf_bounds_and_mismatched_lengths():
 
 # -- a run without an export ---------------------------------------------------------------------
 
+# The tests on this trained run are in the slow tier: the run (compiling a train step, two
+# checkpoints, the plot) costs more than the default tier can hold.
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     from t5gemma2_jax.train import train
@@ -65,6 +67,7 @@ def sft_run(tmp_path_factory):
     return workdir, eval_file
 
 
+@pytest.mark.slow
 def test_load_reads_a_work_directory_and_a_step_directory(sft_run):
     workdir, _ = sft_run
     src = tg.find_source(workdir)
@@ -76,6 +79,7 @@ def test_load_reads_a_work_directory_and_a_step_directory(sft_run):
     assert tg.load_tokenizer_for(src, tg.load(workdir).config).vocab_size == 512
 
 
+@pytest.mark.slow
 def test_generate_script_samples_a_work_directory_without_export(sft_run, capsys):
     workdir, _ = sft_run
     text = load_script("generate").generate_text(["--checkpoint", str(workdir), "--chat", "--prompt",
@@ -83,6 +87,7 @@ def test_generate_script_samples_a_work_directory_without_export(sft_run, capsys
     assert isinstance(text, str) and text.strip() in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_evaluate_script_writes_results_and_predictions(sft_run, tmp_path):
     workdir, eval_file = sft_run
     out, preds = tmp_path / "results.json", tmp_path / "predictions.jsonl"
@@ -101,6 +106,7 @@ def test_evaluate_script_writes_results_and_predictions(sft_run, tmp_path):
     assert results["exact_match"] == want
 
 
+@pytest.mark.slow
 def test_loss_of_pretraining_text_per_ul2_task(sft_run, tmp_path):
     workdir, _ = sft_run
     text = tmp_path / "text.jsonl"
@@ -113,6 +119,7 @@ def test_loss_of_pretraining_text_per_ul2_task(sft_run, tmp_path):
     assert results["examples"] == 6                       # one prefix-LM split per document
 
 
+@pytest.mark.slow
 def test_choices_are_ranked_by_score(sft_run, tmp_path):
     from t5gemma2_jax.data.prompts import encode_prompt
 
@@ -139,6 +146,7 @@ def test_choices_are_ranked_by_score(sft_run, tmp_path):
     assert results["accuracy"] == np.mean([r["correct"] for r in rows])
 
 
+@pytest.mark.slow
 def test_bad_evaluation_input_is_one_line(sft_run, tmp_path, capsys):
     workdir, eval_file = sft_run
     evaluate = load_script("evaluate")
@@ -179,6 +187,7 @@ def test_tokenizer_must_fit_the_model_and_be_known(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sft_exact_match_rises_above_its_start(tmp_path):
     """train.eval_at_start and train.eval_generate_every: the held-out exact match of a short chat
     fine-tune, logged at step 0 and at the end, goes up."""
@@ -200,6 +209,7 @@ def test_sft_exact_match_rises_above_its_start(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "eval_loss" in r] == [0, 120]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_loads_and_scores_with_another_attention_backend(sft_run, tmp_path, capsys):
     """A run trained with one backend is scored with another: same logits, the other program; a name
     no backend has is one line, exit 2, from each script that takes it."""

@@ -186,6 +186,7 @@ def test_greedy_choice_is_the_first_argmax():
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
 
 
+@pytest.mark.slow
 def test_benchmark_decode_reports_the_step_against_its_read_bound(tmp_path):
     from scripts_loader import load_script
 
@@ -325,7 +326,7 @@ def test_repetition_penalty_equals_transformers_processor():
         assert (got != logits).any()
 
 
-@pytest.mark.parametrize("method,beams", [("greedy", 1), ("beam", 3)])
+@pytest.mark.parametrize("method,beams", [("greedy", 1), pytest.param("beam", 3, marks=pytest.mark.slow)])
 def test_controls_match_transformers_generate(pair, method, beams):
     hf, model = pair
     ids, mask, _, _ = text_inputs(1)

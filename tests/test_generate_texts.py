@@ -11,6 +11,7 @@ from t5gemma2_jax.data.tokenizer import Tokenizer
 from t5gemma2_jax.generation import generate_texts, texts as texts_module
 from t5gemma2_jax.generation.texts import cut_at_stop
 
+# One length of output throughout (max_new_tokens=8): each length is a decoding program of its own.
 TEXTS = ["a red circle", "the blue square is above", "there are two shapes. the", "a green", "what color is it?"]
 
 
@@ -40,14 +41,15 @@ def _make_argmax(model, prompts, token: int):
     return biased
 
 
+@pytest.mark.slow
 def test_default_suppression_keeps_sentinels_out(tok, model):
     prompts = _prompts(tok)
     sentinel = tok.special.sentinels[0]
     biased = _make_argmax(model, prompts, sentinel)
     piece = tok.id_to_piece(sentinel)
-    raw = generate_texts(biased, tok, prompts, max_new_tokens=6, suppress_tokens=None)
+    raw = generate_texts(biased, tok, prompts, max_new_tokens=8, suppress_tokens=None)
     assert any(piece in t for t in raw), raw
-    clean = generate_texts(biased, tok, prompts, max_new_tokens=6)
+    clean = generate_texts(biased, tok, prompts, max_new_tokens=8)
     assert not any(piece in t for t in clean), clean
     banned = default_suppress_tokens(tok)
     s = tok.special
@@ -58,7 +60,7 @@ def test_default_suppression_keeps_sentinels_out(tok, model):
 def test_min_new_tokens_holds_off_eos(tok, model):
     prompts = _prompts(tok)
     biased = _make_argmax(model, prompts, tok.special.eos)
-    assert generate_texts(biased, tok, prompts, max_new_tokens=6) == [""] * len(prompts)
+    assert generate_texts(biased, tok, prompts, max_new_tokens=8) == [""] * len(prompts)
     ids, mask = pad_prompts(prompts)
     tokens = np.asarray(tg.generate(biased, ids, mask, max_new_tokens=8, min_new_tokens=3,
                                     suppress_tokens=default_suppress_tokens(tok)))
@@ -69,10 +71,10 @@ def test_min_new_tokens_holds_off_eos(tok, model):
 
 def test_stop_strings_cut_the_text(tok, model):
     prompts = _prompts(tok)
-    full = generate_texts(model, tok, prompts, max_new_tokens=10)
+    full = generate_texts(model, tok, prompts, max_new_tokens=8)
     longest = max(full, key=len)
     stop = longest[len(longest) // 2:len(longest) // 2 + 2]
-    cut = generate_texts(model, tok, prompts, max_new_tokens=10, stop=[stop, "\x00never"])
+    cut = generate_texts(model, tok, prompts, max_new_tokens=8, stop=[stop, "\x00never"])
     assert cut == [cut_at_stop(t, [stop]) for t in full]
     assert cut[full.index(longest)] == longest[:longest.index(stop)]
     assert cut_at_stop("a. b? c", ["?", "."]) == "a" and cut_at_stop("abc", ["", "x"]) == "abc"

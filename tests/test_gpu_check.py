@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from scripts_loader import load_script
+from xla_env import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
@@ -24,8 +25,11 @@ dw = load_script("device_wheels")
 
 
 def gpu_check(*args, env=None, cwd=ROOT):
+    # Of the session's environment only the compilation cache and the cheap code generation (xla_env).
+    compiling = {k: v for k, v in script_env().items()
+                 if k == "XLA_FLAGS" or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAX_DISABLE_MOST"))}
     base = {"PY": sys.executable, "PATH": os.environ["PATH"], "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""), **compiling}
     return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, cwd=cwd,
                           env=base | (env or {}))
 
@@ -217,6 +221,7 @@ def benchmark_lines(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_every_field_of_the_jax_parts(benchmark_lines):
     tmp, (train, generate, _) = benchmark_lines
     for line in (train, generate):
@@ -243,6 +248,7 @@ def test_every_field_of_the_jax_parts(benchmark_lines):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_every_field_of_the_transformers_parts(benchmark_lines):
     _, (*_, hf) = benchmark_lines
     assert hf["framework"] == "hf" and hf["hf_precision"] == "autocast" and hf["versions"]["transformers"]
@@ -293,6 +299,7 @@ def test_the_profile_summary_reads_a_gpu_trace(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_whole_command_on_cpu(tmp_path):
     """gpu_check.sh --cpu with tiny shapes: every part in its own process, one JSON line each, the
     profile, and the summary at the end of the log."""

@@ -27,6 +27,7 @@ from t5gemma2_jax.data import Tokenizer, tiny_tokenizer_path
 from t5gemma2_jax.data.prompts import pad_prompts
 from t5gemma2_jax.evaluation import lm_eval as tg_lm_eval
 from t5gemma2_jax.generation.texts import completion_ids
+from xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 24   # short, so that the rolling task's documents span several windows
@@ -245,7 +246,7 @@ def test_an_export_scores_as_its_hugging_face_directory(checkpoint, one_device, 
 def test_the_command_line_writes_results_and_samples(checkpoint, tasks, tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": xla_flags(1)}
     proc = subprocess.run(
         [sys.executable, "-m", "t5gemma2_jax.evaluation.lm_eval", "--model_args",
          f"pretrained={checkpoint},batch_size=4,max_length={MAX_LENGTH}", "--tasks", "tg_mc,tg_gen",

@@ -135,6 +135,7 @@ def test_generation_from_more_than_4096_input_tokens_picks_the_uncached_argmax()
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_greedy_generation_from_a_32k_encoder_past_4096_tokens(monkeypatch):
     cfg = preset("tiny", with_vision=False,
                  encoder=_tower((SLIDING, FULL), window=128),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
 import torch
 from flax import nnx
@@ -60,11 +59,13 @@ def _ours(model, ids, mask, dids, dmask, pixels=None):
 
 
 def _hf_with_adapter(path, adapter):
+    import peft     # here, not at the top: importing peft takes seconds in every collecting process
+
     base = T5Gemma2ForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
     return peft.PeftModel.from_pretrained(base, adapter).eval()
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_an_adapted_model_equals_its_base_until_trained(hf_dir, scan):
     _, path = hf_dir
     base = tg.load_hf(path, scan_layers=scan)
@@ -80,6 +81,7 @@ def test_an_adapted_model_equals_its_base_until_trained(hf_dir, scan):
     assert {s.path[-1] for s, _ in lora_sites(adapted)} == {"q", "k", "v", "o", "gate", "up", "down"}
 
 
+@pytest.mark.slow
 def test_text_and_image_rows_equal_transformers_with_peft(hf_dir, tmp_path):
     hf, path = hf_dir
     ours = _randomize(tg.apply_lora(tg.load_hf(path), rank=3, alpha=5, targets=ALL_TARGETS))
@@ -97,6 +99,8 @@ def test_text_and_image_rows_equal_transformers_with_peft(hf_dir, tmp_path):
 
 
 def test_an_adapter_made_by_peft_loads_into_ours(hf_dir, tmp_path):
+    import peft
+
     hf, path = hf_dir
     base = T5Gemma2ForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
     made = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=7, lora_dropout=0.0,
@@ -130,6 +134,7 @@ def test_merging_equals_the_adapted_model_and_saves_as_a_plain_checkpoint(hf_dir
     assert np.abs(hf_forward(back, ids, mask, dids, dmask, pixel_values=pixels).logits.numpy() - want).max() <= TOL
 
 
+@pytest.mark.slow
 def test_generation_on_an_adapted_model_equals_transformers_with_peft(hf_dir, tmp_path):
     """Greedy decoding through the KV cache applies the adapters without merging (a 0.3-scale
     random adapter on a 0.02-scale model changes every token, so a missed one shows)."""
@@ -169,8 +174,8 @@ def test_generation_on_a_quantized_base_equals_its_dequantized_kernels(hf_dir):
 
 # Relative RMS error of one kernel and of the logits (a tiny random model of 32-wide kernels and
 # perturbed norms amplifies the quantisation error through its layers).
-@pytest.mark.parametrize("method, kernel_tol, tol", [("int8", 0.01, 0.1),
-                                                     pytest.param("nf4", 0.12, 0.6, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("method, kernel_tol, tol", [("int8", 0.01, 0.1), ("nf4", 0.12, 0.6)])
 def test_quantized_base_stays_close_and_adapts(hf_dir, method, kernel_tol, tol):
     _, path = hf_dir
     ids, mask, dids, dmask = text_inputs(4)

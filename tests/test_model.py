@@ -132,7 +132,7 @@ def test_remat_policies_do_not_change_gradients():
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4, err_msg=remat)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_unscanned_remat_keeps_its_cse_barrier(scan):
     """Remat outside a scan (unscanned stacks, the remainder after the scanned blocks) must keep
     jax.checkpoint's optimisation barrier: without it XLA on TPU merged the recomputation into the

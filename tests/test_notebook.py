@@ -3,7 +3,6 @@ in the test environment, and from its install cell on in a fresh virtual environ
 
 import importlib.metadata
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from xla_env import user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
@@ -25,8 +26,7 @@ def _code_cells() -> list[str]:
 def _run_notebook(python: str, repo: Path, tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
     script = tmp_path / "quickstart.py"
     script.write_text("\n\n".join(_code_cells()))
-    env = {**os.environ, "QUICKSTART_STEPS": "30", "QUICKSTART_WORKDIR": str(tmp_path / "run")}
-    env.pop("XLA_FLAGS", None)                      # one CPU device, as on a laptop
+    env = {**user_env(), "QUICKSTART_STEPS": "30", "QUICKSTART_WORKDIR": str(tmp_path / "run")}   # as on a laptop
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([python, str(script)], cwd=repo / "notebooks", env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -61,6 +61,7 @@ def _copy_checkout(dest: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_quickstart_notebook_installs_itself_in_a_fresh_venv(tmp_path):
     """A kernel with nothing installed: the install cell installs the checkout (not editable) and
     the next cell imports it from the venv's site-packages, in the same process."""

@@ -102,8 +102,8 @@ def _check_gradients(hf, path, scan: bool) -> None:
     ref = {n: p.grad.numpy() for n, p in hf.named_parameters() if p.grad is not None and "vision" not in n
            and "multi_modal" not in n}
     model = tg.load_hf(path, text_only=True, scan_layers=scan)
-    grads = nnx.grad(lambda m: masked_lm_loss(m(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask),
-                                                jnp.asarray(dmask)).logits, jnp.asarray(labels)))(model)
+    grads = nnx.jit(nnx.grad(lambda m: masked_lm_loss(m(jnp.asarray(ids), jnp.asarray(dids), jnp.asarray(mask),
+                                                        jnp.asarray(dmask)).logits, jnp.asarray(labels))))(model)
     ours = {param_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     norm = lambda xs: float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in xs)))  # noqa: E731
     assert norm(ours.values()) == pytest.approx(norm(ref.values()), rel=1e-5)

@@ -16,6 +16,7 @@ from scripts_loader import load_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_aot_compile_on_the_local_devices(tmp_path, capsys):
     """Without a topology the trainer's own step compiles for this machine's 8 fake devices."""
     out = tmp_path / "aot.jsonl"
@@ -54,6 +55,7 @@ def test_aot_compile_reports_a_program_that_cannot_fit(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_benchmark_times_the_trainers_step(tmp_path):
     out = tmp_path / "bench.jsonl"
     result = load_script("benchmark").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "16",
@@ -67,6 +69,7 @@ def test_benchmark_times_the_trainers_step(tmp_path):
     assert json.loads(out.read_text())["preset"] == "tiny"
 
 
+@pytest.mark.slow
 def test_benchmark_calls_times_the_plain_call_beside_jit_and_transformers(tmp_path):
     out = tmp_path / "calls.jsonl"
     assert load_script("benchmark_calls").main(["--preset", "tiny", "--encoder-length", "32", "--decoder-length", "8",
@@ -85,7 +88,7 @@ def tiny_export(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
+@pytest.mark.parametrize("method", ["greedy", pytest.param("beam", marks=pytest.mark.slow)])
 def test_generate_from_an_export(tiny_export, capsys, method):
     text = load_script("generate").generate_text(["--checkpoint", str(tiny_export), "--prompt", "a red circle",
                                      "--mode", "[S2S]", "--max-new-tokens", "5", "--method", method])

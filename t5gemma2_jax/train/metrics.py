@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -92,6 +93,22 @@ def _parse(text: str) -> list[dict]:
     return out
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch when it is
+    installed, only to accept torch tensors (these metrics are floats), and importing torch takes
+    seconds at the start of every run; with `sys.modules["torch"] = None` its `import torch`
+    fails fast, as on a machine without torch. Nothing else is imported meanwhile."""
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0, tensorboard: bool = True,
                  enabled: bool = True, tracker=None):
@@ -110,7 +127,7 @@ class MetricsWriter:
             self._truncate(resume_step)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                SummaryWriter = _summary_writer_class()
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard event files "
                             "(pip install tensorboardX)")

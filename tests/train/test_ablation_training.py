@@ -18,8 +18,13 @@ VARIANTS = {
 }
 
 
+# The last variant holds the first and third (separate cross-attention, untied embeddings): those
+# two alone run in the heavy tier only.
+HEAVY = {"separate_cross_attention", "untied_embeddings"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY else n for n in VARIANTS])
 def test_variant_trains_saves_and_resumes(name, tmp_path):
     assert len(jax.devices()) == 8
     over = dict(VARIANTS[name])

@@ -145,6 +145,7 @@ def test_closing_summary():
     assert RunSummary(start_step=6, step=6).describe() == "already complete at step 6; nothing to do"
 
 
+@pytest.mark.slow
 def test_too_much_bad_data_ends_the_run_in_one_line(script, capsys, tmp_path):
     """DataQualityError is a user error: one line and exit status 2, not a traceback."""
     path = tmp_path / "bad.jsonl"

@@ -120,7 +120,8 @@ def test_local_layers_exchange_a_halo_whose_size_does_not_grow_with_length():
     assert moved[64] > 0 and moved[64] == moved[256]
 
 
-@pytest.mark.parametrize("images", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("images", [False, True])
 def test_train_step_with_context_equals_the_unsplit_step(images):
     from helpers import batch_for, small_config
     from t5gemma2_jax.train import Trainer
@@ -168,6 +169,7 @@ def test_context_traffic_counts_halos_gathers_and_the_decoder_gather():
     assert sum(context_traffic(m, 131072, 1, MeshConfig(fsdp=8)).values()) == 0
 
 
+@pytest.mark.slow
 def test_generation_under_a_context_mesh_equals_the_unsplit_generation():
     import dataclasses
 

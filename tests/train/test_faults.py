@@ -5,7 +5,6 @@ must cost at most the steps since the last good checkpoint, and be reported in o
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from xla_env import script_env
 from helpers import ActAt, small_config
 from t5gemma2_jax.checkpoints.safetensors_io import CheckpointError
 from t5gemma2_jax.train import read_metrics, train
@@ -266,7 +266,7 @@ def test_ctrl_c_checkpoints_then_exits_130(tmp_path):
                  "train.eval_every=0", "train.progress_bar=false", "train.export_at_end=false"]
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--workdir", str(tmp_path), *overrides]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = script_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not any(r.get("step", 0) >= 3 for r in read_metrics(tmp_path)):
@@ -372,7 +372,7 @@ def test_a_run_whose_eval_fails_with_data_workers_prints_one_traceback(tmp_path)
     overrides = [*SMALL_TINY, "data.batch_size=2", f"data.train={data}", f"data.eval={data}",
                  f"data.tokenizer={tiny_tokenizer_path()}", "data.num_workers=2", "train.steps=2",
                  "train.eval_at_start=true", "train.progress_bar=false"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = script_env()
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, str(driver), str(ROOT / "configs" / "tiny.yaml"), str(tmp_path / "run"),
                            *overrides], env=env, capture_output=True, text=True, timeout=600)

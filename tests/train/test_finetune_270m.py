@@ -7,17 +7,17 @@ mode off TPU): the run trains, evaluates at step 0 and at the end, checkpoints a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from xla_env import user_env
 from t5gemma2_jax.train import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 GEMMA3_270M = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                    num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
@@ -26,7 +26,7 @@ GEMMA3_270M = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, n
 
 
 def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}      # one device, as a user's CPU run
+    env = user_env()      # one device and XLA's default code generation, as a user's CPU run
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -125,7 +125,7 @@ def test_init_from_a_training_checkpoint_equals_its_export(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
+@pytest.mark.parametrize("quantize", ["none", pytest.param("nf4", marks=pytest.mark.heavy)])
 def test_a_lora_sft_run_on_the_chat_data_lowers_the_loss(tmp_path, quantize):
     from t5gemma2_jax.experiment import load_config
 
@@ -164,7 +164,7 @@ def test_adapter_dropout_draws_from_the_step_key_in_training_only():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
+@pytest.mark.parametrize("quantize", ["none", pytest.param("nf4", marks=pytest.mark.heavy)])
 def test_the_frozen_base_and_the_adapters_shard_by_the_same_rules(quantize):
     """On 8 fake devices: the frozen base (quantised or not) is FSDP/tensor-sharded like a trained
     one, each adapter follows its kernel's input and output axes, and the adapters' gradients

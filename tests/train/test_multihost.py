@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from xla_env import xla_flags
 from t5gemma2_jax import storage
 from t5gemma2_jax.train.metrics import read_metrics
 
@@ -43,22 +44,21 @@ def _workdir(where: str, tmp_path: Path, request, name: str = "run"):
     return storage.as_path(f"{request.getfixturevalue('bucket')}/{name}")
 
 
-def _start_two(workdir, cache: Path, steps: int, extra=()) -> list[subprocess.Popen]:
+def _start_two(workdir, steps: int, extra=()) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for i in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                   XLA_FLAGS=xla_flags(4))
         cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-               "--workdir", str(workdir), *OVERRIDES, *extra, f"train.steps={steps}",
-               f"train.compilation_cache_dir={cache}"]
+               "--workdir", str(workdir), *OVERRIDES, *extra, f"train.steps={steps}"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
 
-def _run_two(workdir, cache: Path, steps: int, extra=()) -> list[str]:
-    procs = _start_two(workdir, cache, steps, extra)
+def _run_two(workdir, steps: int, extra=()) -> list[str]:
+    procs = _start_two(workdir, steps, extra)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
@@ -66,15 +66,15 @@ def _run_two(workdir, cache: Path, steps: int, extra=()) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["local", "gs"])
+@pytest.mark.parametrize("where", [pytest.param("local", marks=pytest.mark.heavy), "gs"])
 def test_two_processes_train_checkpoint_and_resume(tmp_path, request, where):
-    work, cache = _workdir(where, tmp_path, request), tmp_path / "cache"
-    _run_two(work, cache, steps=4)
+    work = _workdir(where, tmp_path, request)
+    _run_two(work, steps=4)
     ck = work / "checkpoints" / "4" / "data"
     states = {p.name: json.loads(p.read_text()) for p in ck.glob("process_*.json")}
     assert set(states) == {"process_0-of-2.json", "process_1-of-2.json"}
     assert all(s["split"] == "train" for s in states.values())  # (positions: equal on both hosts)
-    outs = _run_two(work, cache, steps=6)
+    outs = _run_two(work, steps=6)
     assert " [p0] INFO " in outs[0] and " INFO " not in outs[1]   # INFO from process 0 only
     rows = read_metrics(work)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -83,16 +83,17 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, request, where):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_train_lora_adapters(tmp_path):
     """Adapters sharded over both processes: checkpoints without the base, resume against the
     base's checksums on every host, one PEFT directory gathered from all shards at the end."""
     import numpy as np
     from safetensors.numpy import load_file
 
-    work, cache = tmp_path / "run", tmp_path / "cache"
+    work = tmp_path / "run"
     lora = ["lora.rank=4", "optim.learning_rate=1e-2"]
-    _run_two(work, cache, steps=4, extra=lora)
-    _run_two(work, cache, steps=6, extra=lora)
+    _run_two(work, steps=4, extra=lora)
+    _run_two(work, steps=6, extra=lora)
     assert [r["step"] for r in read_metrics(work) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     tensors = load_file(work / "adapter" / "adapter_model.safetensors")
     assert len(tensors) == 2 * 7 * 4 and all(np.isfinite(t).all() for t in tensors.values())
@@ -101,6 +102,7 @@ def test_two_processes_train_lora_adapters(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_is_bitwise_equal(tmp_path, bucket):
     """Logging only at the first and last steps, so that what stops the other host is JAX's
     preemption sync point, checked every step, not the flags shared at logging steps. The work
@@ -111,12 +113,12 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_is_bitwise_
     from t5gemma2_jax.checkpoints.export import flat_params, load_export
     from t5gemma2_jax.train.checkpoint import Checkpointer
 
-    cache, steps = tmp_path / "cache", 60
+    steps = 60
     extra = ["train.log_every=1000", "train.checkpoint_every=4", "train.eval_every=0", "train.keep_checkpoints=2"]
     ref, work = storage.as_path(f"{bucket}/ref"), storage.as_path(f"{bucket}/run")
-    _run_two(ref, cache, steps, extra)
+    _run_two(ref, steps, extra)
 
-    procs = _start_two(work, cache, steps, extra)
+    procs = _start_two(work, steps, extra)
     deadline = time.time() + 600
     while not (work / "checkpoints" / "4").exists() and time.time() < deadline and procs[1].poll() is None:
         time.sleep(0.2)
@@ -135,7 +137,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_is_bitwise_
     assert " INFO " not in outs[1] and " [p0] INFO " in outs[0]
     assert not (work / "export").exists()
 
-    _run_two(work, cache, steps, extra)
+    _run_two(work, steps, extra)
     want_rows, got = read_metrics(ref), read_metrics(work)
     assert [r["loss"] for r in got if r["step"] == steps] == [r["loss"] for r in want_rows if r["step"] == steps]
     want, have = (jax.device_get(flat_params(load_export(d / "export"))) for d in (ref, work))

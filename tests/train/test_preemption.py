@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 
+from xla_env import script_env
 from t5gemma2_jax.train.preemption import PreemptionGuard, sync_point_available
 
 
@@ -96,7 +97,7 @@ def test_a_tpu_like_host_in_a_one_process_cluster(tmp_path):
     (d / "vendor").write_text("0x1ae0\n")
     (d / "device").write_text("0x0063\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"       # no JAX_PLATFORMS: it would rule the TPU out
+    env = script_env(2, env)       # no JAX_PLATFORMS: it would rule the TPU out
     proc = subprocess.run([sys.executable, "-c", PROBE, str(root), str(_free_port()), str(tmp_path / "ckpt")],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -46,6 +46,7 @@ def _losses(workdir: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy   # CI's slow tier kills runs at five moments in tests/train/test_gcs_runs.py
 @pytest.mark.parametrize("extra", [(), ("lora.rank=4", "optim.learning_rate=1e-2")], ids=["full", "lora"])
 def test_kill9_then_rerun_resumes_bitwise(tmp_path, extra):
     """With adapters the checkpoint holds only them: the resumed run rebuilds the frozen base and
@@ -54,6 +55,9 @@ def test_kill9_then_rerun_resumes_bitwise(tmp_path, extra):
     ref = subprocess.run(_command(tmp_path / "ref", cache, extra), env=_env(), capture_output=True, text=True,
                          timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    # train.compilation_cache_dir (here, unlike the other subprocess tests, which share the session's
+    # cache through the environment): the run's programs are written there for the reruns.
+    assert any(cache.iterdir()), "train.compilation_cache_dir stayed empty"
     expected = _losses(tmp_path / "ref")
     assert sorted(expected) == list(range(1, STEPS + 1))
 

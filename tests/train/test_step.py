@@ -58,11 +58,14 @@ def test_schedules_warm_up_then_decay(schedule):
         assert lr[4] == pytest.approx(np.sqrt(10 / 100))
 
 
-def test_train_step_updates_the_donated_state_in_place():
+@pytest.fixture(scope="module")
+def trainer():
+    return Trainer.build(small_config())
+
+
+def test_train_step_updates_the_donated_state_in_place(trainer):
     """Every state buffer is donated and aliased to its output, and the compiled step keeps no copy
     of the state (the non-finite guard decides before the update instead of selecting after it)."""
-    cfg = small_config()
-    trainer = Trainer.build(cfg)
     steps = trainer.compile(with_eval=False)
     hlo = steps.train.as_text()
     leaves = jax.tree.leaves(trainer.abstract_state)
@@ -70,24 +73,29 @@ def test_train_step_updates_the_donated_state_in_place():
     assert not re.search(r"copy\(%state", hlo), "the compiled step copies part of the state"
     state = trainer.init_state()
     before = jax.tree.leaves(state)
-    new, metrics = steps.train(state, trainer.place_batch(batch_for(cfg)))
+    new, metrics = steps.train(state, trainer.place_batch(batch_for(trainer.cfg)))
     assert all(x.is_deleted() for x in before) and int(new["step"]) == 1 and int(metrics["nonfinite"]) == 0
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
-def test_gradients_are_those_of_the_mean_loss(microbatches):
-    """The loss is divided by the batch's weight before differentiation: the same gradients as
-    differentiating the mean of the summed token losses."""
-    cfg = small_config()
-    trainer = Trainer.build(cfg)
-    state, batch = trainer.init_state(), trainer.place_batch(batch_for(cfg))
+@pytest.fixture(scope="module")
+def mean_loss(trainer):
+    """A state, a batch, and the loss and gradients of the mean of the summed token losses."""
+    state, batch = trainer.init_state(), trainer.place_batch(batch_for(trainer.cfg))
     md = trainer.model_def
 
     def mean(params):
         total, (_, count) = loss_sums(md, params, state["frozen"], batch)
         return total / count
 
-    want_loss, want = jax.jit(jax.value_and_grad(mean))(state["params"])
+    return state, batch, *jax.jit(jax.value_and_grad(mean))(state["params"])
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_gradients_are_those_of_the_mean_loss(trainer, mean_loss, microbatches):
+    """The loss is divided by the batch's weight before differentiation: the same gradients as
+    differentiating the mean of the summed token losses."""
+    state, batch, want_loss, want = mean_loss
+    md = trainer.model_def
     loss, _, count, grads = jax.jit(lambda p: loss_and_grads(md, p, state["frozen"], batch,
                                                              microbatches=microbatches))(state["params"])
     assert float(count) == float(np.sum(batch["decoder_loss_weights"]))

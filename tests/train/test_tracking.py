@@ -87,6 +87,24 @@ def test_metrics_writer_logs_to_wandb_what_tensorboard_gets(tmp_path):
     assert (tmp_path / "wandb_run_id").read_text().strip() == run.run.id
 
 
+def test_tensorboard_event_files_are_written_without_importing_torch(tmp_path):
+    """tensorboardX imports torch when it can (seconds at every run's start); the writer keeps it
+    out, and torch still imports afterwards."""
+    import sys
+
+    code = ("import sys\n"
+            "from t5gemma2_jax.train.metrics import MetricsWriter\n"
+            f"w = MetricsWriter({str(tmp_path)!r})\n"
+            "assert w.tb is not None\n"
+            "w.write(1, {'loss': 2.5})\nw.close()\n"
+            "assert 'torch' not in sys.modules\n"
+            "import torch\nprint(torch.ones(2).sum().item())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert b"train/loss" in events.read_bytes()
+
+
 def test_wandb_config_is_validated_and_off_by_default():
     assert not load_config(None).train.wandb.enabled
     cfg = load_config(None, ["train.wandb.enabled=true", "train.wandb.mode=offline", "train.wandb.tags=[a, b]"])
